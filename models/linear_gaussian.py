@@ -1,0 +1,73 @@
+"""The linear-Gaussian latent variable model shared by PPCA and factor analysis.
+
+    z ~ N(0, I_k),    x | z ~ N(W z + mu, diag(noise_variance))
+
+Everything about it has a closed form: the marginal p(x) = N(mu, W W^T + Psi) and the
+posterior p(z | x) = N(M^-1 W^T Psi^-1 (x - mu), M^-1) with M = I + W^T Psi^-1 W.
+Subclasses only say how the noise variance is parameterized.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from models.blocks import data_plate
+
+
+class LinearGaussian(PyroModule):
+    """Base class: loading matrix ``W`` [D, k], mean ``mu`` [D], and a noise variance [D]."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        if data_dim < 1 or latent_dim < 1:
+            raise ValueError(
+                f"data_dim and latent_dim must be positive, got {data_dim} and {latent_dim}"
+            )
+        self.data_dim = data_dim
+        self.latent_dim = latent_dim
+        # Small random loadings break the rotational symmetry at the start of SVI.
+        self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
+        self.mu = nn.Parameter(torch.zeros(data_dim))
+
+    def noise_variance(self) -> Tensor:
+        """Diagonal of the observation noise covariance, shape (D,)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor | None = None, idx: Tensor | None = None, num_data=None):
+        W, mu = self.W, self.mu
+        noise_scale = self.noise_variance().sqrt()
+        with data_plate(x, idx, num_data):
+            z = pyro.sample(
+                "z", dist.Normal(W.new_zeros(self.latent_dim), 1.0).to_event(1)
+            )
+            x_loc = z @ W.T + mu
+            return pyro.sample("x", dist.Normal(x_loc, noise_scale).to_event(1), obs=x)
+
+    def marginal(self) -> dist.MultivariateNormal:
+        """The exact marginal p(x) = N(mu, W W^T + diag(noise_variance))."""
+        cov = self.W @ self.W.T + torch.diag(self.noise_variance())
+        return dist.MultivariateNormal(self.mu, covariance_matrix=cov)
+
+    def posterior(self, x: Tensor) -> dist.MultivariateNormal:
+        """The exact posterior p(z | x) for a batch.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, D)
+
+        Returns
+        -------
+        MultivariateNormal with batch shape (N,) and event shape (k,).
+        """
+        W, psi = self.W, self.noise_variance()
+        W_over_psi = W / psi.unsqueeze(-1)  # Psi^-1 W, [D, k]
+        precision = torch.eye(self.latent_dim, dtype=W.dtype, device=W.device)
+        precision = precision + W.T @ W_over_psi
+        covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+        mean = (x - self.mu) @ W_over_psi @ covariance
+        scale_tril = torch.linalg.cholesky(covariance)
+        return dist.MultivariateNormal(mean, scale_tril=scale_tril.expand(len(x), -1, -1))

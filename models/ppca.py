@@ -1,0 +1,71 @@
+"""Probabilistic PCA (Tipping & Bishop, 1999): isotropic noise sigma^2 I."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pyro.nn import PyroParam
+from torch import Tensor
+from torch.distributions import constraints
+
+from models.linear_gaussian import LinearGaussian
+
+
+class PPCA(LinearGaussian):
+    """z ~ N(0, I_k), x | z ~ N(W z + mu, sigma^2 I_d).
+
+    Parameters
+    ----------
+    data_dim : int
+        D, the dimension of x.
+    latent_dim : int
+        k, the dimension of z.
+    sigma : float
+        Initial noise standard deviation (learnable, kept positive).
+    """
+
+    def __init__(self, data_dim: int, latent_dim: int, *, sigma: float = 1.0):
+        super().__init__(data_dim, latent_dim)
+        self.sigma = PyroParam(torch.tensor(float(sigma)), constraint=constraints.positive)
+
+    def noise_variance(self) -> Tensor:
+        return self.sigma.square().expand(self.data_dim)
+
+    @classmethod
+    def from_data(cls, x: Tensor | np.ndarray, latent_dim: int) -> PPCA:
+        """The closed-form maximum-likelihood PPCA of ``x`` (Tipping & Bishop, 1999).
+
+        With S the sample covariance (divided by N) and eigenpairs (lambda_i, u_i) in
+        decreasing order: mu is the sample mean, sigma^2 the mean of the discarded
+        eigenvalues, and W = U_k (Lambda_k - sigma^2 I)^(1/2).
+
+        Parameters
+        ----------
+        x : Tensor or ndarray of shape (N, D)
+        latent_dim : int, smaller than D
+
+        Returns
+        -------
+        PPCA in the dtype of ``x`` (float64 for numpy input).
+        """
+        x = torch.as_tensor(x)
+        if not x.is_floating_point():
+            x = x.double()
+        if x.ndim != 2 or not 0 < latent_dim < x.shape[1]:
+            raise ValueError(
+                f"from_data needs x of shape (N, D) and 0 < latent_dim < D, "
+                f"got x.shape={tuple(x.shape)} and latent_dim={latent_dim}"
+            )
+        n, d = x.shape
+        mean = x.mean(0)
+        centred = x - mean
+        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / n)
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+        sigma2 = eigvals[latent_dim:].mean()
+        W = eigvecs[:, :latent_dim] * (eigvals[:latent_dim] - sigma2).clamp_min(0).sqrt()
+        model = cls(d, latent_dim).to(x.dtype)
+        with torch.no_grad():
+            model.W.copy_(W)
+            model.mu.copy_(mean)
+        model.sigma = PyroParam(sigma2.sqrt(), constraint=constraints.positive)
+        return model

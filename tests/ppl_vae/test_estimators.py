@@ -1,0 +1,181 @@
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule
+
+import ppl_vae
+from guides import ExactPosterior, LinearEncoder
+from models import PPCA
+
+
+@pytest.fixture(scope="module")
+def mle(ppca_truth):
+    _, x = ppca_truth
+    return PPCA.from_data(x, 2), x
+
+
+@pytest.fixture(scope="module")
+def trained_encoder(mle):
+    model, x = mle
+    guide = LinearEncoder(10, 2).double()
+    ppl_vae.fit(model, guide, x, num_steps=500, lr=3e-2, seed=0, progress=False, train_model=False)
+    return guide
+
+
+@pytest.mark.parametrize("family", ["ppca_truth", "fa_truth"])
+@pytest.mark.parametrize("num_samples", [1, 100])
+def test_exact_posterior_gives_exact_log_marginal(family, num_samples, request):
+    model, x = request.getfixturevalue(family)
+    estimate = ppl_vae.log_marginal(model, ExactPosterior(model), x, num_samples=num_samples)
+    exact = model.marginal().log_prob(x).detach()
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-5)
+
+
+def test_exact_posterior_weights_have_zero_variance(mle):
+    model, x = mle
+    d = ppl_vae.diagnostics(model, ExactPosterior(model), x[:20], num_samples=50)
+    assert d.log_marginal_se.max() < 1e-6
+    torch.testing.assert_close(d.ess, torch.full_like(d.ess, 50.0))
+
+
+def test_chunks_are_assembled_per_datapoint(mle):
+    # Tiny chunks split both samples and rows; with exact weights any misplaced cell
+    # would show up as another datapoint's log p(x).
+    model, x = mle
+    lw = ppl_vae.log_weights(model, ExactPosterior(model), x[:37], 11, chunk_elements=30)
+    exact = model.marginal().log_prob(x[:37]).detach()
+    torch.testing.assert_close(lw, exact.expand(11, -1), rtol=0, atol=1e-9)
+
+
+def test_elbo_is_below_log_marginal_for_every_datapoint(mle, trained_encoder):
+    model, x = mle
+    x = x[:200]
+    lw = ppl_vae.log_weights(model, trained_encoder, x, 2000, seed=0)
+    d = ppl_vae.summarize_log_weights(lw)
+    exact = model.marginal().log_prob(x).detach()
+    assert (d.elbo <= exact + 4 * d.elbo_se).all()
+    assert (d.elbo <= d.log_marginal).all()  # Jensen, on the same weights
+    gap = exact - d.elbo  # the KL to the true posterior, > 0 on average
+    assert gap.mean() > 4 * gap.std() / math.sqrt(len(gap))
+
+
+def test_log_marginal_with_a_trained_encoder_is_within_three_se(mle, trained_encoder):
+    model, x = mle
+    x = x[:20]
+    d = ppl_vae.diagnostics(model, trained_encoder, x, num_samples=5000, seed=1)
+    exact = model.marginal().log_prob(x).detach()
+    z = (d.log_marginal - exact) / d.log_marginal_se
+    assert z.abs().max() < 3
+    assert (d.khat < 0.5).all()
+    assert (d.ess > 1000).all()
+
+
+def test_importance_sampling_bias_shrinks_with_k(mle):
+    # An untrained encoder is a poor proposal, so the bias at small K is large. Biases
+    # are compared on the same datapoints, so the se is that of paired differences.
+    model, x = mle
+    x = x[:200]
+    guide = LinearEncoder(10, 2).double()
+    exact = model.marginal().log_prob(x).detach()
+    errors = [
+        exact - ppl_vae.log_marginal(model, guide, x, num_samples=k, seed=k)
+        for k in (1, 10, 100, 1000)
+    ]
+    for worse, better in zip(errors, errors[1:], strict=False):
+        shrink = worse - better
+        assert shrink.mean() > 3 * shrink.std() / math.sqrt(len(shrink))
+    assert errors[-1].mean() > -3 * errors[-1].std() / math.sqrt(len(x))  # a lower bound
+
+
+def test_prior_proposal_is_unbiased_but_noisier(mle, trained_encoder):
+    model, x = mle
+    x = x[:30]
+    exact = model.marginal().log_prob(x).detach()
+    naive = ppl_vae.diagnostics(model, None, x, 20000, proposal="prior", seed=2)
+    assert ((naive.log_marginal - exact).abs() < 4 * naive.log_marginal_se + 1e-3).all()
+    guided = ppl_vae.diagnostics(model, trained_encoder, x, 20000, seed=2)
+    assert (naive.log_marginal_se > guided.log_marginal_se).all()
+    assert (naive.ess < guided.ess).all()
+
+
+def test_same_seed_same_numbers(mle, trained_encoder):
+    model, x = mle
+    a = ppl_vae.elbo(model, trained_encoder, x[:10], 100, seed=3)
+    b = ppl_vae.elbo(model, trained_encoder, x[:10], 100, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_numpy_input_is_accepted(mle, trained_encoder):
+    model, x = mle
+    out = ppl_vae.log_marginal(model, trained_encoder, x[:5].numpy(), 10)
+    assert out.shape == (5,)
+
+
+def test_summary_reports_means_with_standard_errors(mle, trained_encoder):
+    model, x = mle
+    s = ppl_vae.diagnostics(model, trained_encoder, x[:50], 200, seed=0).summary()
+    assert s["num_data"] == 50 and s["num_samples"] == 200
+    assert s["log_marginal_se"] > 0 and s["elbo"] <= s["log_marginal"]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.full((3, 10), np.nan), "x has 30 NaN or inf"),
+        (np.array([[0.0] * 9 + [np.inf]]), "x has 1 NaN or inf"),
+        (np.zeros(10), r"x must have shape \(N, D\), got 1 dims"),
+        (np.zeros((2, 3, 10)), r"x must have shape \(N, D\), got 3 dims"),
+        (np.zeros((4, 7)), "x has 7 columns but the model's data_dim is 10"),
+        (np.zeros((0, 10)), "x is empty"),
+        ([[0.0] * 10], "x must be a torch.Tensor or numpy array, got list"),
+    ],
+)
+def test_bad_data_is_refused(mle, bad, match):
+    model, _ = mle
+    with pytest.raises(ValueError, match=match):
+        ppl_vae.log_marginal(model, ExactPosterior(model), bad, 10)
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
+def test_bad_num_samples_is_refused(mle, k):
+    model, x = mle
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        ppl_vae.elbo(model, ExactPosterior(model), x[:2], k)
+
+
+def test_bad_proposal_is_refused(mle):
+    model, x = mle
+    with pytest.raises(ValueError, match="proposal must be one of"):
+        ppl_vae.log_marginal(model, None, x[:2], 10, proposal="posterior")
+
+
+class _PointMassGuide(PyroModule):
+    def forward(self, x, idx=None, num_data=None):
+        with pyro.plate("data", num_data or len(x), subsample=idx, dim=-1):
+            pyro.sample("z", dist.Delta(x[..., :2]).to_event(1))
+
+
+def test_point_mass_guide_is_refused_as_proposal(mle):
+    model, x = mle
+    with pytest.raises(ValueError, match="point mass"):
+        ppl_vae.log_marginal(model, _PointMassGuide(), x[:3], 10)
+
+
+class _GlobalLatentModel(PyroModule):
+    data_dim = 10
+
+    def forward(self, x, idx=None, num_data=None):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", num_data or len(x), subsample=idx, dim=-1):
+            loc = shift[..., None] * x.new_ones(10)
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+
+def test_global_latent_is_refused():
+    x = torch.zeros(3, 10)
+    with pytest.raises(ValueError, match="outside the 'data' plate"):
+        ppl_vae.log_marginal(_GlobalLatentModel(), None, x, 10, proposal="prior")

@@ -1,0 +1,135 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppl_vae
+from guides import LinearEncoder
+from models import PPCA
+
+
+@pytest.fixture
+def setup(ppca_truth):
+    _, x = ppca_truth
+    return PPCA(10, 2).double(), LinearEncoder(10, 2).double(), x[:300]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_history_has_one_elbo_per_step(setup):
+    model, guide, x = setup
+    result = ppl_vae.fit(model, guide, x, epochs=3, batch_size=64, lr=1e-2, progress=False)
+    assert result.num_steps == 3 * math.ceil(300 / 64)
+    assert result.history.shape == result.step_seconds.shape == (result.num_steps,)
+    assert (result.step_seconds > 0).all()
+    assert result.history[-5:].mean() > result.history[:5].mean()
+
+
+def test_history_is_the_elbo_per_datapoint(setup):
+    # Full batch from the exact posterior's family: the first step's ELBO estimate
+    # agrees with the estimators' ELBO up to Monte Carlo error (one particle).
+    model, guide, x = setup
+    expected = ppl_vae.elbo(model, guide, x, num_samples=200, seed=0)
+    result = ppl_vae.fit(model, guide, x, num_steps=1, lr=1e-12, seed=1, progress=False)
+    se = float(expected.std()) / math.sqrt(len(x))
+    assert abs(result.history[0] - float(expected.mean())) < 4 * se
+
+
+def test_same_seed_same_history(setup):
+    model, guide, x = setup
+    state_m, state_g = snapshot(model), snapshot(guide)
+    first = ppl_vae.fit(model, guide, x, num_steps=30, batch_size=50, seed=5, progress=False)
+    model.load_state_dict(state_m)
+    guide.load_state_dict(state_g)
+    second = ppl_vae.fit(model, guide, x, num_steps=30, batch_size=50, seed=5, progress=False)
+    np.testing.assert_array_equal(first.history, second.history)
+
+
+def test_progress_false_prints_nothing(setup, capsys):
+    model, guide, x = setup
+    ppl_vae.fit(model, guide, x, num_steps=5, progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_progress_bar_shows_elbo(setup, capsys):
+    model, guide, x = setup
+    ppl_vae.fit(model, guide, x, num_steps=5, progress=True)
+    assert "elbo=" in capsys.readouterr().err
+
+
+def test_nan_in_data_is_refused_before_training(setup):
+    model, guide, x = setup
+    x = x.clone()
+    x[7, 3] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"x has 1 NaN or inf values \(first in row 7\)"):
+        ppl_vae.fit(model, guide, x, num_steps=5, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_train_model_false_leaves_the_model_bit_identical(setup):
+    model, guide, x = setup
+    before_model, before_guide = snapshot(model), snapshot(guide)
+    ppl_vae.fit(model, guide, x, num_steps=20, lr=1e-2, train_model=False, progress=False)
+    assert all(torch.equal(v, before_model[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, before_guide[k]) for k, v in guide.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+class _BreaksAtStep(PPCA):
+    """A PPCA whose likelihood turns NaN on its `bad_call`-th call."""
+
+    def __init__(self, bad_call):
+        super().__init__(10, 2)
+        self.calls, self.bad_call, self.seen = 0, bad_call, None
+
+    def noise_variance(self):
+        self.calls += 1
+        if self.calls == self.bad_call:
+            self.seen = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            return super().noise_variance() * float("nan")
+        return super().noise_variance()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_parameters(setup):
+    _, guide, x = setup
+    model = _BreaksAtStep(bad_call=4).double()
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        ppl_vae.fit(model, guide, x, num_steps=10, lr=1e-2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in model.seen.items())
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_custom_optimizer_class_and_factory(setup):
+    model, guide, x = setup
+    ppl_vae.fit(model, guide, x, num_steps=3, optimizer=torch.optim.SGD, lr=1e-4, progress=False)
+    factory = lambda params: torch.optim.RMSprop(params, lr=1e-4)  # noqa: E731
+    ppl_vae.fit(model, guide, x, num_steps=3, optimizer=factory, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "give exactly one of epochs and num_steps"),
+        ({"epochs": 1, "num_steps": 1}, "give exactly one of epochs and num_steps"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"num_steps": 2.5}, "num_steps must be a positive integer"),
+        ({"num_steps": 1, "batch_size": 0}, "batch_size must be a positive integer"),
+        ({"num_steps": 1, "binarize": "static"}, "binarize must be one of"),
+    ],
+)
+def test_bad_arguments_are_refused(setup, kwargs, match):
+    model, guide, x = setup
+    with pytest.raises(ValueError, match=match):
+        ppl_vae.fit(model, guide, x, progress=False, **kwargs)
+
+
+def test_dynamic_binarization_needs_intensities(setup):
+    model, guide, x = setup
+    with pytest.raises(ValueError, match=r"intensities in \[0, 1\]"):
+        ppl_vae.fit(model, guide, x, num_steps=1, binarize="dynamic", progress=False)
