@@ -7,7 +7,15 @@ import pyro
 
 from guides.amortized import DeltaEncoder, LinearEncoder, MLPEncoder
 from guides.exact import ExactPosterior
+from guides.local import LocalMVN, LocalNormal
 
 pyro.settings.set(module_local_params=True)
 
-__all__ = ["LinearEncoder", "MLPEncoder", "DeltaEncoder", "ExactPosterior"]
+__all__ = [
+    "LinearEncoder",
+    "MLPEncoder",
+    "DeltaEncoder",
+    "ExactPosterior",
+    "LocalNormal",
+    "LocalMVN",
+]

@@ -1,0 +1,217 @@
+import math
+
+import pyro
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, kl_divergence
+
+import ppl_vae
+from guides import DeltaEncoder, LinearEncoder, LocalMVN, LocalNormal
+from models import PPCA
+
+# Slack for the local fit's optimization shortfall, in nats per datapoint: Adam on
+# Monte Carlo gradients stops a little short of each datapoint's optimum (measured
+# ~0.003 nats of excess KL on this model); everything else here is exact.
+OPTIMIZATION_SLACK = 0.01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rotation(angle: float) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    """A fitted PPCA with its latent space rotated by 45 degrees, and its data.
+
+    The MLE's loadings have orthogonal columns of unequal length, so its posterior
+    covariance is diagonal; W -> W R leaves p(x) unchanged but correlates the posterior.
+    """
+    pyro.set_rng_seed(3)
+    truth = PPCA(10, 2, sigma=0.5).double()
+    with torch.no_grad():
+        truth.W.copy_(torch.randn(10, 2, dtype=torch.float64) * torch.tensor([1.5, 0.4]))
+        truth.mu.normal_()
+        x = truth(None, num_data=300)
+    model = PPCA.from_data(x, 2)
+    with torch.no_grad():
+        model.W.copy_(model.W @ rotation(math.pi / 4))
+    return model, x
+
+
+def exact_posterior(model, x) -> MultivariateNormal:
+    with torch.no_grad():
+        post = model.posterior(x)
+    return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
+
+
+def as_mvn(q) -> MultivariateNormal:
+    if isinstance(q, MultivariateNormal):
+        return MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach())
+    return MultivariateNormal(q.mean.detach(), scale_tril=torch.diag_embed(q.stddev.detach()))
+
+
+def mean_field_gap(precision: torch.Tensor) -> float:
+    """KL of the best diagonal Gaussian from N(m, P^-1): (sum log diag P - log det P) / 2."""
+    return float(0.5 * (precision.diagonal().log().sum() - torch.logdet(precision)))
+
+
+# ---------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+def test_parameters_are_full_size_and_rows_are_read_by_idx(cls):
+    guide = cls(7, 3).double()
+    with torch.no_grad():
+        guide.loc.copy_(torch.arange(21.0).reshape(7, 3))
+    for name, p in guide.named_parameters():
+        assert p.shape[0] == 7, name
+    idx = torch.tensor([5, 1])
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(guide.distribution(x, idx).mean, guide.loc[idx].detach())
+    z = guide(x, idx, num_data=7)
+    assert z.shape == (2, 3)
+
+
+@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+def test_broadcasts_under_a_particles_plate(cls):
+    guide = cls(6, 3).double()
+    x, idx = torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 2, 3, 5])
+    with pyro.plate("particles", 5, dim=-2):
+        trace = pyro.poutine.trace(guide).get_trace(x, idx, 6)
+    trace.compute_log_prob()
+    assert trace.nodes["z"]["value"].shape == (5, 4, 3)
+    assert trace.nodes["z"]["log_prob"].shape == (5, 4)
+
+
+@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+def test_without_idx_x_must_be_the_whole_set(cls):
+    guide = cls(6, 2)
+    with pytest.raises(ValueError, match="all 6 rows"):
+        guide(torch.zeros(4, 3))
+
+
+def test_default_start_is_the_prior():
+    for guide in (LocalNormal(5, 3).double(), LocalMVN(5, 3).double()):
+        q = as_mvn(guide.distribution())
+        torch.testing.assert_close(q.loc, torch.zeros(5, 3, dtype=torch.float64))
+        eye = torch.eye(3, dtype=torch.float64).expand(5, 3, 3)
+        torch.testing.assert_close(q.covariance_matrix, eye)
+
+
+def test_mvn_scale_tril_is_a_cholesky_factor_with_free_lower_part():
+    guide = LocalMVN(4, 3).double()
+    with torch.no_grad():
+        guide.log_diag.normal_()
+        guide.off_diag.normal_()
+    tril = guide.scale_tril()
+    assert guide.off_diag.shape == (4, 3)  # k (k - 1) / 2 free entries per datapoint
+    torch.testing.assert_close(tril, tril.tril())
+    assert (tril.diagonal(dim1=-2, dim2=-1) > 0).all()
+    tril.sum().backward()
+    assert (guide.off_diag.grad != 0).all() and (guide.log_diag.grad != 0).all()
+
+
+@pytest.mark.parametrize("covariance, cls", [("diag", LocalNormal), ("full", LocalMVN)])
+def test_from_encoder_starts_every_row_at_the_encoders_output(covariance, cls):
+    torch.manual_seed(0)
+    encoder = LinearEncoder(5, 3, covariance=covariance).double()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    guide = cls.from_encoder(encoder, x)
+    assert guide.loc.shape == (8, 3) and guide.loc.dtype == torch.float64
+    z = torch.randn(10, 8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            guide.distribution(x).log_prob(z), encoder.distribution(x).log_prob(z)
+        )
+
+
+def test_mvn_from_a_diagonal_encoder_keeps_its_distribution():
+    encoder = LinearEncoder(5, 3).double()
+    with torch.no_grad():
+        encoder.raw_scale.copy_(torch.tensor([0.5, -1.0, 0.2]))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    z = torch.randn(6, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            LocalMVN.from_encoder(encoder, x).distribution(x).log_prob(z),
+            encoder.distribution(x).log_prob(z),
+        )
+
+
+def test_from_encoder_refuses_a_point_mass():
+    with pytest.raises(ValueError, match="Delta"):
+        LocalNormal.from_encoder(DeltaEncoder(5, 2, hidden=(4,)), torch.zeros(3, 5))
+
+
+# ------------------------------------------------------- fitted against closed forms
+
+
+def test_rotation_keeps_the_marginal_and_correlates_the_posterior(rotated):
+    model, x = rotated
+    mle = PPCA.from_data(x, 2)
+    torch.testing.assert_close(
+        model.marginal().covariance_matrix, mle.marginal().covariance_matrix
+    )
+    before = torch.linalg.inv(exact_posterior(mle, x[:1]).covariance_matrix[0])
+    after = torch.linalg.inv(exact_posterior(model, x[:1]).covariance_matrix[0])
+    assert mean_field_gap(before) < 1e-9
+    assert mean_field_gap(after) > 0.5  # far from diagonal: the test below means something
+
+
+def test_local_normal_reaches_the_mean_field_optimum(rotated):
+    # The reverse-KL-best diagonal Gaussian of N(m, P^-1) has mean m and variances
+    # 1 / diag(P); its KL is the closed-form mean-field gap.
+    model, x = rotated
+    guide = ppl_vae.fit_local(model, x, "diag", seed=0, progress=False)
+    post = exact_posterior(model, x)
+    precision = torch.linalg.inv(post.covariance_matrix[0])
+    q = guide.distribution(x)
+    ratio = q.stddev.detach() / precision.diagonal().rsqrt()  # 1 at the optimum
+    assert (ratio.mean(0) - 1).abs().max() < 0.01  # on average over datapoints...
+    assert (ratio - 1).abs().max() < 0.15  # ...and for every one (the ELBO is flat there)
+    # The means' share of the KL, (m - mu)^T P (m - mu) / 2: small, though the slow
+    # direction of an ill-conditioned P leaves single coordinates visibly off.
+    error = q.mean.detach() - post.loc
+    assert float(0.5 * (error @ precision * error).sum(-1).mean()) < OPTIMIZATION_SLACK
+    excess = kl_divergence(as_mvn(q), post) - mean_field_gap(precision)
+    assert -1e-9 < float(excess.mean()) < OPTIMIZATION_SLACK
+
+
+def test_local_mvn_reaches_the_exact_posterior(rotated):
+    model, x = rotated
+    guide = ppl_vae.fit_local(model, x, "full", seed=0, progress=False)
+    kl = kl_divergence(as_mvn(guide.distribution(x)), exact_posterior(model, x))
+    assert float(kl.mean()) < OPTIMIZATION_SLACK
+    assert float(kl.max()) < 5 * OPTIMIZATION_SLACK
+
+
+def test_fit_local_leaves_the_model_bit_identical(ppca_truth):
+    model, x = ppca_truth
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    encoder = LinearEncoder(10, 2).double()
+    guide = ppl_vae.fit_local(
+        model, x[:200], "full", init_from=encoder, steps=30, lr=0.1, seed=0, progress=False
+    )
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert isinstance(guide, LocalMVN)
+    assert guide.loc.shape == (200, 2) and guide.off_diag.shape == (200, 1)
+    # ...while the guide did move away from its start at the encoder's output.
+    assert not torch.equal(guide.loc, torch.zeros_like(guide.loc))
