@@ -12,7 +12,12 @@ import math
 import torch
 
 import ppl_vae
-from benchmarks.timing import median_step_seconds, row, timed_steps
+from benchmarks.timing import (
+    compare_step_times,
+    plain_training_step,
+    print_step_table,
+    timed_steps,
+)
 from guides import LinearEncoder
 from models import PPCA
 
@@ -35,24 +40,20 @@ def plain_run(x: torch.Tensor, steps: int):
     log_scale = torch.nn.Parameter(torch.zeros(K))
     params = [W, mu, log_sigma, log_scale, *enc.parameters()]
     opt = torch.optim.Adam(params, lr=1e-2)
-    batches = iter(torch.randperm(N).split(BATCH) * (steps // (N // BATCH) + 2))
+    order = torch.cat([torch.randperm(N) for _ in range(steps * BATCH // N + 1)])
+    batches = iter(order.split(BATCH))
 
-    def step():
-        idx = next(batches)
-        xb = x[idx]
-        opt.zero_grad()
+    def loss():
+        xb = x[next(batches)]
         eps = torch.randn(len(xb), K)
         z = enc(xb) + log_scale.exp() * eps
         resid = (xb - z @ W.T - mu) / log_sigma.exp()
         log_lik = -0.5 * (resid.square() + LOG_2PI).sum(-1) - D * log_sigma
         log_prior = -0.5 * (z.square() + LOG_2PI).sum(-1)
         log_q = -0.5 * (eps.square() + LOG_2PI).sum(-1) - log_scale.sum()
-        loss = -(N / len(xb)) * (log_lik + log_prior - log_q).sum()
-        loss.item()
-        loss.backward()
-        opt.step()
+        return -(N / len(xb)) * (log_lik + log_prior - log_q).sum()
 
-    return timed_steps(step, steps)
+    return timed_steps(plain_training_step(opt, loss), steps)
 
 
 def main(argv=None) -> None:
@@ -62,16 +63,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(N, D) @ torch.randn(D, D) / math.sqrt(D)
-    pyro_med, pyro_best = median_step_seconds(lambda: pyro_run(x, args.steps), args.repeats)
-    plain_med, plain_best = median_step_seconds(lambda: plain_run(x, args.steps), args.repeats)
-    print(f"PPCA(d={D}, k={K}), batch {BATCH}, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads")
-    print(row("route", "median ms/step", "best ms/step"))
-    print(row("---", "---", "---"))
-    print(row("ppl_vae.fit (Pyro Trace_ELBO)", f"{1e3 * pyro_med:.3f}", f"{1e3 * pyro_best:.3f}"))
-    print(row("plain PyTorch loop", f"{1e3 * plain_med:.3f}", f"{1e3 * plain_best:.3f}"))
-    print(f"ratio (median): {pyro_med / plain_med:.2f}x, extra {1e3 * (pyro_med - plain_med):.3f} "
-          f"ms/step; ratio (best): {pyro_best / plain_best:.2f}x")
+    pyro_times, plain_times = compare_step_times(
+        lambda: pyro_run(x, args.steps), lambda: plain_run(x, args.steps), args.repeats
+    )
+    print_step_table(f"PPCA(d={D}, k={K}), batch {BATCH}, {args.steps} steps", pyro_times,
+                     plain_times)
 
 
 if __name__ == "__main__":

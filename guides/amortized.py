@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import MLP, data_plate, positive_dim
+from models.blocks import MLP, data_plate, network, positive_dim
 
 COVARIANCES = ("diag", "full")
 
@@ -65,7 +65,7 @@ class LinearEncoder(PyroModule):
         Independent Normal (``"diag"``) or MultivariateNormal (``"full"``) with batch
         shape (..., N) and event shape (k,).
         """
-        loc = self.loc(x)
+        loc = network(self, "loc")(x)
         if self.covariance == "diag":
             return dist.Normal(loc, self.raw_scale.exp()).to_event(1)
         return dist.MultivariateNormal(loc, scale_tril=self.scale_tril())
@@ -124,7 +124,7 @@ class MLPEncoder(PyroModule):
         -------
         Independent Normal with batch shape (..., N) and event shape (k,).
         """
-        loc, raw_scale = self.net(x)
+        loc, raw_scale = network(self, "net")(x)
         return dist.Normal(loc, F.softplus(raw_scale) + SCALE_FLOOR).to_event(1)
 
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
@@ -175,7 +175,7 @@ class DeltaEncoder(PyroModule):
 
     def distribution(self, x: Tensor) -> dist.Independent:
         """The point mass at g(x): an Independent Delta, batch shape (..., N), event (k,)."""
-        return dist.Delta(self.net(x)).to_event(1)
+        return dist.Delta(network(self, "net")(x)).to_event(1)
 
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
         q = self.distribution(x)

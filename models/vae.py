@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import MLP, data_plate, positive_dim
+from models.blocks import MLP, data_plate, network, positive_dim
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -90,7 +90,7 @@ class VAE(PyroModule):
     ) -> Tensor:
         with data_plate(x, idx, num_data):
             z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
-            return pyro.sample("x", self._likelihood(self.decoder(z)), obs=x)
+            return pyro.sample("x", self._likelihood(network(self, "decoder")(z)), obs=x)
 
     def _likelihood(self, out: Tensor) -> dist.TorchDistribution:
         """p(x | z) from the decoder's output f(z) of shape (..., D)."""
@@ -117,7 +117,7 @@ class VAE(PyroModule):
         -------
         Tensor of shape (..., D)
         """
-        return self._likelihood(self.decoder(z)).mean
+        return self._likelihood(network(self, "decoder")(z)).mean
 
     def validate_data(self, x: Tensor) -> None:
         """Refuse data the likelihood cannot score: non-binary x for a Bernoulli.
