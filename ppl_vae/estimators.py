@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import pyro
 import pyro.distributions as dist
+import pyro.util
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -242,6 +243,13 @@ def _is_delta(fn) -> bool:
 
 @contextlib.contextmanager
 def _seeded(seed: int | None):
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    yield
+    """Seed the draws inside, and leave the caller's random state as it was."""
+    if seed is None:
+        yield
+        return
+    state = pyro.util.get_rng_state()
+    pyro.set_rng_seed(seed)
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)

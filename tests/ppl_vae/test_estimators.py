@@ -207,3 +207,12 @@ def test_vae_log_marginal_matches_a_hand_written_iwae():
     assert ((ours.log_marginal - by_hand.log_marginal).abs() < 4 * se).all()
     se = torch.hypot(by_hand.elbo_se, ours.elbo_se)
     assert ((ours.elbo - by_hand.elbo).abs() < 4 * se).all()
+
+
+def test_a_seeded_call_leaves_the_callers_random_state_alone(mle, trained_encoder):
+    model, x = mle
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ppl_vae.elbo(model, trained_encoder, x[:5], 10, seed=7)
+    assert torch.equal(torch.rand(3), expected)
