@@ -76,10 +76,14 @@ def log_weights(
     one_of(proposal, PROPOSALS, "proposal")
     idx = torch.arange(len(x), device=x.device) if idx is None else idx
     num_data = num_data or len(x)
-    with _seeded(seed), torch.no_grad(), pyro.validation_enabled(False):
+    with _caller_rng_kept(seed is not None):
+        check_structure(model, x[:1], idx[:1], num_data)
         if proposal == "guide":
             _refuse_point_masses(guide, x[:1], idx[:1], num_data)
-        return _chunked(model, guide, x, idx, num_data, num_samples, proposal, chunk_elements)
+        if seed is not None:  # after the checks, so they do not shift the draws
+            pyro.set_rng_seed(seed)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            return _chunked(model, guide, x, idx, num_data, num_samples, proposal, chunk_elements)
 
 
 def log_marginal(model, guide, x, num_samples: int = 1000, **kwargs) -> Tensor:
@@ -207,14 +211,9 @@ def _chunk(model, guide, x, idx, num_data, k, proposal) -> Tensor:
 def _log_density(trace, shape, observed: bool | None) -> Tensor:
     """Sum of unscaled site log-densities, shape [K, B]; ``observed`` picks the sites."""
     total = torch.zeros(shape)
-    for name, site in trace.nodes.items():
+    for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        if not site["is_observed"] and "data" not in {f.name for f in site["cond_indep_stack"]}:
-            raise ValueError(
-                f"latent site {name!r} is outside the 'data' plate: per-datapoint "
-                "estimators need every latent variable to be local to a datapoint"
-            )
         if observed is not None and site["is_observed"] != observed:
             continue
         log_prob = site["fn"].log_prob(site["value"])
@@ -224,8 +223,43 @@ def _log_density(trace, shape, observed: bool | None) -> Tensor:
     return total.expand(shape)
 
 
+def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> None:
+    """Check, on one cheap trace, what per-datapoint estimates need of a model.
+
+    Every latent site must live in the ``"data"`` plate (a global latent couples the
+    datapoints, so log p(x_n) no longer splits per datapoint), and an observed site must
+    declare a datapoint's dims as event dims (``.to_event(1)``), or its log-density is
+    not one number per datapoint.
+    """
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(x, idx, num_data)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"the model fails on a single datapoint ({error}); check that every "
+            "per-datapoint site is inside the 'data' plate and declares its event dims "
+            "with .to_event(1)"
+        ) from error
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if not site["is_observed"] and "data" not in {f.name for f in site["cond_indep_stack"]}:
+            raise ValueError(
+                f"latent site {name!r} is outside the 'data' plate: per-datapoint "
+                "estimators need every latent variable to be local to a datapoint"
+            )
+        event_shape = tuple(site["fn"].event_shape)
+        if site["is_observed"] and event_shape != tuple(site["value"].shape[1:]):
+            raise ValueError(
+                f"observed site {name!r} has event shape {event_shape} but each datapoint "
+                f"has shape {tuple(site['value'].shape[1:])}: declare the data dims as "
+                "event dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
+            )
+
+
 def _refuse_point_masses(guide, x, idx, num_data) -> None:
-    trace = poutine.trace(guide).get_trace(x, idx, num_data)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(guide).get_trace(x, idx, num_data)
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site) and _is_delta(site["fn"]):
             raise ValueError(
@@ -242,13 +276,12 @@ def _is_delta(fn) -> bool:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Seed the draws inside, and leave the caller's random state as it was."""
-    if seed is None:
+def _caller_rng_kept(keep: bool):
+    """Leave the caller's random state as it was (a seeded call must not reseed it)."""
+    if not keep:
         yield
         return
     state = pyro.util.get_rng_state()
-    pyro.set_rng_seed(seed)
     try:
         yield
     finally:

@@ -33,7 +33,7 @@ from guides.local import (
     encoder_distribution,
     family_of,
 )
-from ppl_vae.estimators import _mean_se, log_weights, pareto_khat
+from ppl_vae.estimators import _mean_se, check_structure, log_weights, pareto_khat
 from ppl_vae.train import FitResult, fit
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -314,6 +314,7 @@ def gaps(
         encoder's family (unless ``match_family=False``).
     """
     x = as_data(x, model)
+    check_structure(model, x[:1])
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
@@ -415,6 +416,7 @@ def refine(
     RefinementCurve
     """
     x = as_data(x, model)
+    check_structure(model, x[:1])
     steps = positive_int(steps, "steps")
     num_samples = positive_int(num_samples, "num_samples")
     eval_every = max(1, steps // 20) if eval_every is None else eval_every
@@ -443,6 +445,7 @@ def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_s
                tol=1e-3, window=50, progress=True, seed=None) -> tuple:
     one_of(family, FAMILIES, "family")
     x = as_data(x, model)
+    check_structure(model, x[:1])
     steps = positive_int(steps, "steps")
     schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     guide = _initial_local(model, x, family, init_from)

@@ -68,8 +68,11 @@ def test_log_marginal_with_a_trained_encoder_is_within_three_se(mle, trained_enc
     x = x[:20]
     d = ppl_vae.diagnostics(model, trained_encoder, x, num_samples=5000, seed=1)
     exact = model.marginal().log_prob(x).detach()
-    z = (d.log_marginal - exact) / d.log_marginal_se
-    assert z.abs().max() < 3
+    err = d.log_marginal - exact
+    # The mean error within 3 se of the mean; every datapoint within 4 se (20 points:
+    # a 4-se excursion anywhere has probability ~1e-3 if the estimator is right).
+    assert err.mean().abs() < 3 * d.log_marginal_se.square().sum().sqrt() / len(err)
+    assert (err.abs() < 4 * d.log_marginal_se).all()
     assert (d.khat < 0.5).all()
     assert (d.ess > 1000).all()
 
@@ -216,3 +219,24 @@ def test_a_seeded_call_leaves_the_callers_random_state_alone(mle, trained_encode
     torch.manual_seed(123)
     ppl_vae.elbo(model, trained_encoder, x[:5], 10, seed=7)
     assert torch.equal(torch.rand(3), expected)
+
+
+class _NoEventDims(PyroModule):
+    data_dim = 10
+
+    def forward(self, x, idx=None, num_data=None):
+        with pyro.plate("data", num_data or len(x), subsample=idx, dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros(10), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)  # forgot .to_event(1)
+
+
+def test_missing_event_dims_are_refused_before_any_work():
+    # With 10 rows of 10 dims the shapes happen to broadcast, so only a one-row trace
+    # shows the mistake.
+    with pytest.raises(ValueError, match=r"(?s)fails on a single datapoint.*to_event\(1\)"):
+        ppl_vae.log_marginal(_NoEventDims(), None, torch.zeros(10, 10), 5, proposal="prior")
+
+
+def test_global_latent_is_refused_by_gaps_before_fitting():
+    with pytest.raises(ValueError, match="outside the 'data' plate"):
+        ppl_vae.gaps(_GlobalLatentModel(), None, torch.zeros(3, 10), local="diag")
