@@ -14,6 +14,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int
 
 
@@ -58,6 +59,7 @@ def fit(
     train_model: bool = True,
     binarize: str | None = None,
     callback: Callable[[int, float], bool | None] | None = None,
+    jit: bool = True,
 ) -> FitResult:
     """Fit ``model`` and ``guide`` to ``x`` by SVI.
 
@@ -92,6 +94,16 @@ def fit(
         Called after every step with the step's index and its ELBO per datapoint; a
         true return value stops fitting there (an early-stopping rule, for example).
         The result then holds only the steps that ran.
+    jit : bool
+        Trace the loss once per minibatch shape (``ppl_vae.traced.TracedLoss``) and
+        replay it without Pyro's per-step Python: the same numbers, about 2 ms less per
+        step on a VAE. It needs a model and guide of static structure: the same sites
+        and ops at every step, with no Python branch on the data's values. The first
+        step of each minibatch shape compares the traced loss with the plain one
+        under the same seed and falls back to the plain loss, with a warning, when
+        they differ (that catches structure that changes between calls, not a branch
+        on values that happens to agree on the first minibatch). False runs Pyro's
+        loss as it is.
 
     Returns
     -------
@@ -117,6 +129,8 @@ def fit(
     loss_fn = (loss or Trace_ELBO(max_plate_nesting=1))(model, guide)
     params = list((loss_fn if train_model else guide).parameters())
     opt = _make_optimizer(optimizer, params, lr)
+    if jit:
+        loss_fn = TracedLoss(loss_fn)
     history, seconds = np.empty(total), np.empty(total)
     with _frozen(model, not train_model), pyro.validation_enabled(False):
         batches = _minibatches(num_data, batch_size, total, x.device, seed)

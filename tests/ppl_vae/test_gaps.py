@@ -227,8 +227,9 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     real_fit, real_forward = gaps_module.fit, LocalNormal.forward
 
     def counting_fit(model, guide, x, **kwargs):
+        before = len(forwards)
         result = real_fit(model, guide, x, **kwargs)
-        fits.append((guide, result.num_steps))
+        fits.append((guide, result.num_steps, forwards[before:]))
         return result
 
     def counting_forward(self, x, idx=None, num_data=None):
@@ -241,11 +242,13 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     report = ppl_vae.gaps(model, encoder, x, num_samples=10, local_steps=40, seed=0,
                           progress=False)
     assert len(fits) == 1
-    guide, steps = fits[0]
+    guide, steps, fit_forwards = fits[0]
     assert isinstance(guide, LocalNormal) and guide.loc.shape == (1000, 2)
     assert steps == report.local_steps == 40
-    # One guide call per optimizer step, each on all 1000 rows: no loop over datapoints.
-    assert forwards[:steps] == [1000] * steps
+    # Every guide call sees all 1000 rows, at most one per step (fewer when fit replays
+    # a traced loss): no loop over datapoints.
+    assert fit_forwards and set(fit_forwards) == {1000}
+    assert len(fit_forwards) <= steps + 2
 
 
 @pytest.mark.parametrize(
