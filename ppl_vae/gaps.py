@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -52,6 +53,9 @@ QUANTITIES = (
 # at a distance set by the rate and the gradient noise, and smaller rates let it settle
 # (on a 2-d PPCA posterior the mean excess KL falls from ~0.04 nats at a constant 3e-2
 # to ~0.001).
+# Above this mean PSIS k-hat an importance-sampled log p(x) is not to be trusted.
+KHAT_RELIABLE = 0.7
+
 LR_DECAY = 3.0
 LR_DECAYS = 4
 
@@ -328,10 +332,18 @@ def gaps(
     lw_amortized = log_weights(model, guide, x, num_samples, seed=eval_seed)
     log_px, px_influence, method = _log_px(model, x, lw_local)
     per = _per_datapoint(log_px, px_influence, lw_local, lw_amortized)
-    return GapReport.from_per_datapoint(
+    report = GapReport.from_per_datapoint(
         per, log_px_method=method, local_family=family, num_samples=num_samples,
         local_steps=fitted.num_steps,
     )
+    if method == "importance" and report.khat_mean > KHAT_RELIABLE:
+        warnings.warn(
+            f"mean PSIS k-hat of the log p(x) proposal is {report.khat_mean:.2f} > "
+            f"{KHAT_RELIABLE}: log p(x) and the approximation gap are unreliable here "
+            "(likely too low); more samples or a heavier-tailed proposal are needed",
+            stacklevel=2,
+        )
+    return report
 
 
 @dataclass(frozen=True)

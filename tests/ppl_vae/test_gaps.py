@@ -347,3 +347,14 @@ def test_vae_gaps_are_ordered_and_leave_the_decoder_alone():
     assert report.elbo_local + 3 * report.amortization_gap_se >= report.elbo_amortized
     # A small encoder trained briefly leaves a real amortization gap to close.
     assert report.amortization_gap > 3 * report.amortization_gap_se
+
+
+def test_unreliable_log_px_is_flagged(monkeypatch):
+    # A VAE has no closed form, so log p(x) is importance sampled; pretend its weights
+    # are heavy-tailed and the report must say so.
+    torch.manual_seed(0)
+    model, guide = VAE(12, 2, hidden=(8,)), MLPEncoder(12, 2, hidden=(8,))
+    x = (torch.rand(30, 12) < 0.3).float()
+    monkeypatch.setattr(gaps_module, "pareto_khat", lambda lw: torch.full((lw.shape[1],), 0.9))
+    with pytest.warns(UserWarning, match="k-hat of the log p\\(x\\) proposal is 0.90"):
+        ppl_vae.gaps(model, guide, x, num_samples=20, local_steps=5, progress=False)
