@@ -257,6 +257,33 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
             )
 
 
+def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse a guide that lacks a site for one of the model's latent variables.
+
+    Such a variable would be redrawn from its prior at every SVI step, and never fitted.
+    Sites marked for enumeration are left to the guide-less route they are meant for.
+    """
+    with torch.no_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    missing = [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and not site["infer"].get("enumerate")
+        and name not in guide_trace.nodes
+    ]
+    if missing:
+        raise ValueError(
+            f"the model's latent sites {missing} have no site in the guide "
+            f"({type(guide).__name__}): SVI would redraw them from the prior at every "
+            "step; give the guide a site of the same name for each"
+        )
+
+
 def _refuse_point_masses(guide, x, idx, num_data) -> None:
     with torch.no_grad(), pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(x, idx, num_data)

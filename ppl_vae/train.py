@@ -14,6 +14,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_vae.estimators import check_guide_covers
 from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -120,6 +121,9 @@ def fit(
     one_of(binarize, (None, "dynamic"), "binarize")
     x = _validated_data(x, model, binarize)
     num_data = len(x)
+    first = torch.zeros(1, dtype=torch.long, device=x.device)
+    probe = x[:1] if binarize is None else torch.bernoulli(x[:1])
+    check_guide_covers(model, guide, probe, first, num_data)
     if batch_size is not None:
         batch_size = min(positive_int(batch_size, "batch_size"), num_data)
     batch_size = batch_size or num_data

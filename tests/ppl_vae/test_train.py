@@ -1,8 +1,11 @@
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule
 
 import ppl_vae
 from guides import LinearEncoder
@@ -97,7 +100,8 @@ class _BreaksAtStep(PPCA):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_parameters(setup):
     _, guide, x = setup
-    model = _BreaksAtStep(bad_call=4).double()
+    # Call 1 is fit's one-row structure check, so call 5 is the 4th step (index 3).
+    model = _BreaksAtStep(bad_call=5).double()
     # jit=False: a model that changes at its 4th call is not of static structure.
     with pytest.raises(FloatingPointError, match="at step 3"):
         ppl_vae.fit(model, guide, x, num_steps=10, lr=1e-2, progress=False, jit=False)
@@ -185,3 +189,22 @@ def test_a_model_the_trace_cannot_hold_falls_back_to_the_plain_loss(setup):
     with pytest.warns(UserWarning, match="differs from the plain one"):
         result = ppl_vae.fit(model, guide, x, num_steps=5, progress=False)
     assert np.isfinite(result.history).all()
+
+
+class _ExtraLatent(PyroModule):
+    """z and a second latent w per datapoint; a LinearEncoder covers only z."""
+
+    data_dim = 10
+
+    def forward(self, x=None, idx=None, num_data=None):
+        with pyro.plate("data", num_data or len(x), subsample=idx, dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            w = pyro.sample("w", dist.Normal(x.new_zeros(()), 1.0))
+            loc = z.sum(-1, keepdim=True) + w.unsqueeze(-1)
+            pyro.sample("x", dist.Normal(loc.expand(x.shape), 1.0).to_event(1), obs=x)
+
+
+def test_a_guide_missing_a_latent_site_is_refused_before_training(setup):
+    _, guide, x = setup
+    with pytest.raises(ValueError, match=r"latent sites \['w'\] have no site in the guide"):
+        ppl_vae.fit(_ExtraLatent(), guide, x, num_steps=3, progress=False)
