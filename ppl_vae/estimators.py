@@ -252,8 +252,9 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
         if site["is_observed"] and event_shape != tuple(site["value"].shape[1:]):
             raise ValueError(
                 f"observed site {name!r} has event shape {event_shape} but each datapoint "
-                f"has shape {tuple(site['value'].shape[1:])}: declare the data dims as "
-                "event dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
+                f"has shape {tuple(site['value'].shape[1:])}: the data must have the "
+                "model's width, and the model must declare a datapoint's dims as event "
+                "dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
             )
 
 
