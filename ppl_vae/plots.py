@@ -196,7 +196,7 @@ def plot_latents(z, labels=None, ax=None, *, title: str = "Latent space"):
 
 
 def plot_image_grid(images, ax=None, *, shape: tuple[int, int] | None = None,
-                    ncols: int = 10, title: str | None = None):
+                    ncols: int = 10, title: str | None = None, pad: int = 0):
     """Tile flat images into one grey picture, row by row (empty cells are black).
 
     Parameters
@@ -208,6 +208,9 @@ def plot_image_grid(images, ax=None, *, shape: tuple[int, int] | None = None,
     ncols : int
         Images per row (fewer when there are fewer images).
     title : str, optional
+    pad : int
+        Black pixels around each image, so that tiles whose content reaches their
+        border (the 8x8 digits) stay apart.
 
     Returns
     -------
@@ -238,11 +241,15 @@ def plot_image_grid(images, ax=None, *, shape: tuple[int, int] | None = None,
         raise ValueError(f"shape must be (h, w) with h * w == D={d}, got {tuple(shape)}")
     if int(ncols) != ncols or ncols < 1:
         raise ValueError(f"ncols must be a positive integer, got {ncols!r}")
+    if int(pad) != pad or pad < 0:
+        raise ValueError(f"pad must be a non-negative integer, got {pad!r}")
     ncols = min(int(ncols), n)
     nrows = math.ceil(n / ncols)
-    grid = np.zeros((nrows * ncols, h, w))
-    grid[:n] = images.reshape(n, h, w)
-    grid = grid.reshape(nrows, ncols, h, w).transpose(0, 2, 1, 3).reshape(nrows * h, ncols * w)
+    tiles = np.pad(images.reshape(n, h, w), ((0, 0), (pad, pad), (pad, pad)))
+    th, tw = h + 2 * pad, w + 2 * pad
+    grid = np.zeros((nrows * ncols, th, tw))
+    grid[:n] = tiles
+    grid = grid.reshape(nrows, ncols, th, tw).transpose(0, 2, 1, 3).reshape(nrows * th, ncols * tw)
     ax = _axes(ax)
     ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])

@@ -113,6 +113,13 @@ def test_image_grid_tiles_images_exactly():
     np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
 
 
+def test_image_grid_pads_each_image_with_black():
+    images = np.ones((2, 4))  # two white 2x2 images
+    ax = plot_image_grid(images, pad=1)
+    tile = np.pad(np.ones((2, 2)), 1)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), np.hstack([tile, tile]))
+
+
 def test_image_grid_takes_a_shape_for_non_square_images():
     images = torch.rand(3, 6)
     ax = plot_image_grid(images, shape=(2, 3))
@@ -130,6 +137,7 @@ def test_image_grid_takes_a_shape_for_non_square_images():
         (np.zeros((0, 4)), {}, "images must have shape"),
         (np.full((2, 4), 2.0), {}, r"\[0, 1\]"),
         (np.zeros((2, 4)), {"ncols": 0}, "ncols"),
+        (np.zeros((2, 4)), {"pad": -1}, "pad"),
     ],
 )
 def test_image_grid_refuses_bad_input(images, kwargs, message):
