@@ -1,5 +1,7 @@
 """Shared fixtures: small data drawn from known linear-Gaussian models, in float64."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -34,3 +36,39 @@ def fa_truth():
         model.mu.normal_()
         model.psi = torch.linspace(0.1, 1.0, 8, dtype=torch.float64)
     return model, draw(model, 2000, seed=1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # The test models are tiny: a second intra-op thread only adds synchronisation, and
+    # on a loaded 2-core machine it makes each small op many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rotation(angle: float) -> torch.Tensor:
+    """A 2-D rotation matrix (float64)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    """A fitted PPCA with its latent space rotated by 45 degrees, and its data.
+
+    The MLE's loadings have orthogonal columns of unequal length, so its posterior
+    covariance is diagonal; W -> W R leaves p(x) unchanged but correlates the posterior,
+    so the mean-field approximation gap is large.
+    """
+    pyro.set_rng_seed(3)
+    truth = PPCA(10, 2, sigma=0.5).double()
+    with torch.no_grad():
+        truth.W.copy_(torch.randn(10, 2, dtype=torch.float64) * torch.tensor([1.5, 0.4]))
+        truth.mu.normal_()
+        x = truth(None, num_data=300)
+    model = PPCA.from_data(x, 2)
+    with torch.no_grad():
+        model.W.copy_(model.W @ rotation(math.pi / 4))
+    return model, x

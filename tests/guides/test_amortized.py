@@ -13,15 +13,6 @@ from models import VAE
 from ppl_vae.data import load_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks: a second intra-op thread only adds synchronisation (see test_vae).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def binary_digits():
     return load_dataset("digits", "train", binarize="static")

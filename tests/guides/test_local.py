@@ -1,4 +1,3 @@
-import math
 
 import pyro
 import pytest
@@ -13,39 +12,6 @@ from models import PPCA
 # Monte Carlo gradients stops a little short of each datapoint's optimum (measured
 # ~0.003 nats of excess KL on this model); everything else here is exact.
 OPTIMIZATION_SLACK = 0.01
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rotation(angle: float) -> torch.Tensor:
-    c, s = math.cos(angle), math.sin(angle)
-    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def rotated():
-    """A fitted PPCA with its latent space rotated by 45 degrees, and its data.
-
-    The MLE's loadings have orthogonal columns of unequal length, so its posterior
-    covariance is diagonal; W -> W R leaves p(x) unchanged but correlates the posterior.
-    """
-    pyro.set_rng_seed(3)
-    truth = PPCA(10, 2, sigma=0.5).double()
-    with torch.no_grad():
-        truth.W.copy_(torch.randn(10, 2, dtype=torch.float64) * torch.tensor([1.5, 0.4]))
-        truth.mu.normal_()
-        x = truth(None, num_data=300)
-    model = PPCA.from_data(x, 2)
-    with torch.no_grad():
-        model.W.copy_(model.W @ rotation(math.pi / 4))
-    return model, x
 
 
 def exact_posterior(model, x) -> MultivariateNormal:

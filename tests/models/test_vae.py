@@ -14,16 +14,6 @@ from ppl_vae.data import load_dataset, sample_from_model
 HIDDEN = (64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These networks are tiny: a second intra-op thread only adds synchronisation, and
-    # on a loaded 2-core machine it makes each op many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return (

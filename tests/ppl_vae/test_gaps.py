@@ -26,39 +26,6 @@ OPTIMIZATION_SLACK = 0.01
 NUM_SAMPLES = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rotation(angle: float) -> torch.Tensor:
-    c, s = math.cos(angle), math.sin(angle)
-    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def rotated():
-    """A fitted PPCA with its latent space rotated by 45 degrees, and its data.
-
-    The rotation leaves p(x) unchanged but makes the posterior covariance far from
-    diagonal, so the mean-field approximation gap is large.
-    """
-    pyro.set_rng_seed(3)
-    truth = PPCA(10, 2, sigma=0.5).double()
-    with torch.no_grad():
-        truth.W.copy_(torch.randn(10, 2, dtype=torch.float64) * torch.tensor([1.5, 0.4]))
-        truth.mu.normal_()
-        x = truth(None, num_data=300)
-    model = PPCA.from_data(x, 2)
-    with torch.no_grad():
-        model.W.copy_(model.W @ rotation(math.pi / 4))
-    return model, x
-
-
 def train_encoder(model, x, covariance):
     """A LinearEncoder fitted to a fixed model, its learning rate stepped down twice."""
     encoder = LinearEncoder(model.data_dim, model.latent_dim, covariance=covariance).double()
