@@ -2,28 +2,17 @@
 import pyro
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, kl_divergence
+from torch.distributions import kl_divergence
 
 import ppl_vae
 from guides import DeltaEncoder, LinearEncoder, LocalMVN, LocalNormal
 from models import PPCA
+from tests.helpers import as_mvn, exact_posterior
 
 # Slack for the local fit's optimization shortfall, in nats per datapoint: Adam on
 # Monte Carlo gradients stops a little short of each datapoint's optimum (measured
 # ~0.003 nats of excess KL on this model); everything else here is exact.
 OPTIMIZATION_SLACK = 0.01
-
-
-def exact_posterior(model, x) -> MultivariateNormal:
-    with torch.no_grad():
-        post = model.posterior(x)
-    return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
-
-
-def as_mvn(q) -> MultivariateNormal:
-    if isinstance(q, MultivariateNormal):
-        return MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach())
-    return MultivariateNormal(q.mean.detach(), scale_tril=torch.diag_embed(q.stddev.detach()))
 
 
 def mean_field_gap(precision: torch.Tensor) -> float:

@@ -6,12 +6,13 @@ import matplotlib
 import pyro
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, kl_divergence
+from torch.distributions import kl_divergence
 
 import ppl_vae
 from guides import DeltaEncoder, LinearEncoder, LocalNormal, MLPEncoder
 from models import PPCA, VAE
 from ppl_vae.data import load_dataset
+from tests.helpers import as_mvn, exact_posterior
 
 matplotlib.use("Agg")
 
@@ -46,18 +47,6 @@ def ppca_reports(rotated):
                               progress=False)
         out[covariance] = encoder, report
     return out
-
-
-def exact_posterior(model, x) -> MultivariateNormal:
-    with torch.no_grad():
-        post = model.posterior(x)
-    return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
-
-
-def as_mvn(q) -> MultivariateNormal:
-    if isinstance(q, MultivariateNormal):
-        return MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach())
-    return MultivariateNormal(q.mean.detach(), scale_tril=torch.diag_embed(q.stddev.detach()))
 
 
 def mean_field_gap(model) -> float:
