@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,8 +199,12 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> None:
-    """Console-script entry point (its return value would become the exit status)."""
-    run(argv)
+    """Console-script entry point: bad input is reported in one line, exit status 2."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ppl-vae: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

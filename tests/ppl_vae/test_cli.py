@@ -55,3 +55,13 @@ def test_gaps_from_a_checkpoint(tmp_path):
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="dataset"):
         cli.run(["fit", *SMALL, "--dataset", "cifar", "--out", str(tmp_path)])
+
+
+def test_the_command_reports_bad_input_without_a_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "fit", *SMALL, "--dataset", "cifar",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 2  # as for argparse usage errors
+    assert done.stderr.startswith("ppl-vae: error:") and "Traceback" not in done.stderr
