@@ -15,7 +15,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import data_plate
+from models.blocks import data_plate, positive_dim
 
 FAMILIES = ("diag", "full")
 
@@ -27,12 +27,8 @@ class _Local(PyroModule):
 
     def __init__(self, num_data: int, latent_dim: int):
         super().__init__()
-        if num_data < 1 or latent_dim < 1:
-            raise ValueError(
-                f"num_data and latent_dim must be positive, got {num_data} and {latent_dim}"
-            )
-        self.num_data = num_data
-        self.latent_dim = latent_dim
+        self.num_data = positive_dim(num_data, "num_data")
+        self.latent_dim = positive_dim(latent_dim, "latent_dim")
         # The prior N(0, I) of every model in this library: a safe start for SVI.
         self.loc = nn.Parameter(torch.zeros(num_data, latent_dim))
 

@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import data_plate
+from models.blocks import data_plate, positive_dim
 
 
 class LinearGaussian(PyroModule):
@@ -23,12 +23,8 @@ class LinearGaussian(PyroModule):
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()
-        if data_dim < 1 or latent_dim < 1:
-            raise ValueError(
-                f"data_dim and latent_dim must be positive, got {data_dim} and {latent_dim}"
-            )
-        self.data_dim = data_dim
-        self.latent_dim = latent_dim
+        self.data_dim = positive_dim(data_dim, "data_dim")
+        self.latent_dim = positive_dim(latent_dim, "latent_dim")
         # Small random loadings break the rotational symmetry at the start of SVI.
         self.W = nn.Parameter(0.1 * torch.randn(data_dim, latent_dim))
         self.mu = nn.Parameter(torch.zeros(data_dim))

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyro
-import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor
@@ -118,6 +117,8 @@ def fit_local(
     -------
     LocalNormal or LocalMVN with parameters of shape (N, ...).
     """
+    x = as_data(x, model)
+    check_structure(model, x[:1])
     return _fit_local(
         model, x, family, init_from=init_from, steps=steps, lr=lr,
         num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,
@@ -455,9 +456,8 @@ def refine(
 
 def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
                tol=1e-3, window=50, progress=True, seed=None) -> tuple:
+    """The fit behind fit_local and gaps, on data they have already checked."""
     one_of(family, FAMILIES, "family")
-    x = as_data(x, model)
-    check_structure(model, x[:1])
     steps = positive_int(steps, "steps")
     schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     guide = _initial_local(model, x, family, init_from)
@@ -581,12 +581,9 @@ def _per_datapoint(log_px, px_influence, lw_local, lw_amortized) -> dict[str, Te
 
 
 def _mean_elbo(model, guide, x, num_samples, seed) -> tuple[float, float]:
-    """Mean ELBO and its Monte Carlo standard error, leaving the global RNG untouched."""
-    state = pyro.util.get_rng_state()
-    try:
-        lw = log_weights(model, guide, x, num_samples, seed=seed)
-    finally:
-        pyro.util.set_rng_state(state)
+    """Mean ELBO and its Monte Carlo standard error (a seeded log_weights call leaves
+    the global RNG untouched)."""
+    lw = log_weights(model, guide, x, num_samples, seed=seed)
     per_point = lw.mean(0)
     se = lw.std(0) / math.sqrt(num_samples) if num_samples > 1 else torch.zeros_like(per_point)
     return float(per_point.mean()), float(se.square().sum().sqrt()) / len(per_point)

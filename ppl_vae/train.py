@@ -121,9 +121,12 @@ def fit(
     one_of(binarize, (None, "dynamic"), "binarize")
     x = _validated_data(x, model, binarize)
     num_data = len(x)
+    # Data as the model sees it: dynamic binarization redraws every minibatch (the
+    # range of x was checked once, above, so the hot loop skips data.dynamic_binarize's
+    # per-call check).
+    as_seen = torch.bernoulli if binarize == "dynamic" else _unchanged
     first = torch.zeros(1, dtype=torch.long, device=x.device)
-    probe = x[:1] if binarize is None else torch.bernoulli(x[:1])
-    check_guide_covers(model, guide, probe, first, num_data)
+    check_guide_covers(model, guide, as_seen(x[:1]), first, num_data)
     if batch_size is not None:
         batch_size = min(positive_int(batch_size, "batch_size"), num_data)
     batch_size = batch_size or num_data
@@ -141,7 +144,7 @@ def fit(
         bar = tqdm(total=total, disable=not progress, desc="SVI", unit="step")
         for step, idx in enumerate(batches):
             start = time.perf_counter()
-            xb = x[idx] if binarize is None else torch.bernoulli(x[idx])
+            xb = as_seen(x[idx])
             value = _step(loss_fn, opt, xb, idx, num_data, step)
             seconds[step] = time.perf_counter() - start
             history[step] = -value / num_data
@@ -153,6 +156,10 @@ def fit(
                 break
         bar.close()
     return FitResult(history=history[:total], step_seconds=seconds[:total], num_steps=total)
+
+
+def _unchanged(x):
+    return x
 
 
 def _validated_data(x, model, binarize):
