@@ -25,8 +25,8 @@ from pyro.infer import Importance
 
 import ppl_vae
 from benchmarks.timing import row
-from guides import LinearEncoder, MLPEncoder
-from models import PPCA, VAE
+from ppl_vae.guides import LinearEncoder, MLPEncoder
+from ppl_vae.models import PPCA, VAE
 
 D, LATENT, HIDDEN, N, K = 784, 50, (200, 200), 100, 1000
 LOG_2PI = math.log(2 * math.pi)

@@ -17,8 +17,8 @@ from benchmarks.timing import row
 
 CHILD = """
 import json, resource, sys, time, torch, ppl_vae
-from models import VAE
-from guides import MLPEncoder
+from ppl_vae.models import VAE
+from ppl_vae.guides import MLPEncoder
 k, n = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 model, guide = VAE(784, 50), MLPEncoder(784, 50)

@@ -18,8 +18,8 @@ from benchmarks.timing import (
     print_step_table,
     timed_steps,
 )
-from guides import LinearEncoder
-from models import PPCA
+from ppl_vae.guides import LinearEncoder
+from ppl_vae.models import PPCA
 
 D, K, N, BATCH = 64, 8, 5000, 128
 LOG_2PI = math.log(2 * math.pi)

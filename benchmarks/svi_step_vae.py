@@ -23,9 +23,9 @@ from benchmarks.timing import (
     print_step_table,
     timed_steps,
 )
-from guides import MLPEncoder
-from models import VAE
-from models.blocks import MLP
+from ppl_vae.guides import MLPEncoder
+from ppl_vae.models import VAE
+from ppl_vae.models.blocks import MLP
 
 D, K, N, BATCH, HIDDEN = 784, 50, 10000, 100, (200, 200)
 LOG_2PI = math.log(2 * math.pi)

@@ -5,9 +5,9 @@ Importing this package switches Pyro to module-local parameters (see ``models``)
 
 import pyro
 
-from guides.amortized import DeltaEncoder, LinearEncoder, MLPEncoder
-from guides.exact import ExactPosterior
-from guides.local import LocalMVN, LocalNormal
+from ppl_vae.guides.amortized import DeltaEncoder, LinearEncoder, MLPEncoder
+from ppl_vae.guides.exact import ExactPosterior
+from ppl_vae.guides.local import LocalMVN, LocalNormal
 
 pyro.settings.set(module_local_params=True)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import MLP, data_plate, network, positive_dim
+from ppl_vae.models.blocks import MLP, data_plate, network, positive_dim
 
 COVARIANCES = ("diag", "full")
 
@@ -97,7 +97,7 @@ class MLPEncoder(PyroModule):
     hidden : sequence of int
         Widths of the hidden layers, from x towards z.
     activation : str
-        Nonlinearity, one of ``models.blocks.ACTIVATIONS``.
+        Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
     """
 
     def __init__(
@@ -157,7 +157,7 @@ class DeltaEncoder(PyroModule):
     hidden : sequence of int
         Widths of the hidden layers of g, from x towards z.
     activation : str
-        Nonlinearity, one of ``models.blocks.ACTIVATIONS``.
+        Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
     """
 
     def __init__(

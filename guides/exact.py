@@ -6,7 +6,7 @@ import pyro
 from pyro.nn import PyroModule
 from torch import Tensor
 
-from models.blocks import data_plate
+from ppl_vae.models.blocks import data_plate
 
 
 class ExactPosterior(PyroModule):

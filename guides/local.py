@@ -15,7 +15,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import data_plate, positive_dim
+from ppl_vae.models.blocks import data_plate, positive_dim
 
 FAMILIES = ("diag", "full")
 

@@ -7,9 +7,9 @@ never share or leak parameters through Pyro's global param store.
 
 import pyro
 
-from models.factor_analysis import FactorAnalysis
-from models.ppca import PPCA
-from models.vae import VAE
+from ppl_vae.models.factor_analysis import FactorAnalysis
+from ppl_vae.models.ppca import PPCA
+from ppl_vae.models.vae import VAE
 
 pyro.settings.set(module_local_params=True)
 

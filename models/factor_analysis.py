@@ -7,7 +7,7 @@ from pyro.nn import PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
-from models.linear_gaussian import LinearGaussian
+from ppl_vae.models.linear_gaussian import LinearGaussian
 
 
 class FactorAnalysis(LinearGaussian):

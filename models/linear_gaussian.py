@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import data_plate, positive_dim
+from ppl_vae.models.blocks import data_plate, positive_dim
 
 
 class LinearGaussian(PyroModule):

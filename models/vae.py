@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from models.blocks import MLP, data_plate, network, positive_dim
+from ppl_vae.models.blocks import MLP, data_plate, network, positive_dim
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -40,7 +40,7 @@ class VAE(PyroModule):
     hidden : sequence of int
         Widths of the decoder's hidden layers, from z towards x.
     activation : str
-        Nonlinearity of the decoder, one of ``models.blocks.ACTIVATIONS``.
+        Nonlinearity of the decoder, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
     likelihood : {"bernoulli", "gaussian"}
         ``"bernoulli"``: x | z ~ Bernoulli(logits=f(z)), for binary data.
         ``"gaussian"``: x | z ~ N(f(z), diag(sigma^2)).

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import ppl_vae
-from guides import DeltaEncoder, LinearEncoder, MLPEncoder
-from models import PPCA, VAE, FactorAnalysis
+from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
+from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.data import load_dataset
 
 MODELS = ("vae", "ppca", "fa")

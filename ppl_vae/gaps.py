@@ -25,7 +25,7 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from guides.local import (
+from ppl_vae.guides.local import (
     FAMILIES,
     LOCAL_GUIDES,
     LocalMVN,
@@ -93,7 +93,7 @@ def fit_local(
         Its parameters are left bit-for-bit unchanged.
     x : Tensor or ndarray of shape (N, D)
     family : {"diag", "full"}
-        :class:`~guides.LocalNormal` (diagonal covariance) or :class:`~guides.LocalMVN`.
+        :class:`~ppl_vae.guides.LocalNormal` (diagonal covariance) or :class:`~ppl_vae.guides.LocalMVN`.
     init_from : amortized guide, optional
         Start row n at ``init_from``'s q(z | x_n); by default every row starts at the
         prior N(0, I) (which needs ``model.latent_dim``).

@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 
-from models import PPCA, FactorAnalysis
+from ppl_vae.models import PPCA, FactorAnalysis
 
 
 def draw(model, num_data: int, seed: int) -> torch.Tensor:

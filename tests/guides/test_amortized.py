@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
 
 import ppl_vae
-from guides import DeltaEncoder, LinearEncoder, MLPEncoder
-from guides.amortized import SCALE_FLOOR
-from models import VAE
+from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
+from ppl_vae.guides.amortized import SCALE_FLOOR
+from ppl_vae.models import VAE
 from ppl_vae.data import load_dataset
 
 

@@ -2,8 +2,8 @@ import pyro
 import pytest
 import torch
 
-from guides import ExactPosterior, LinearEncoder
-from models import PPCA
+from ppl_vae.guides import ExactPosterior, LinearEncoder
+from ppl_vae.models import PPCA
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])

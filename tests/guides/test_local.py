@@ -5,8 +5,8 @@ import torch
 from torch.distributions import kl_divergence
 
 import ppl_vae
-from guides import DeltaEncoder, LinearEncoder, LocalMVN, LocalNormal
-from models import PPCA
+from ppl_vae.guides import DeltaEncoder, LinearEncoder, LocalMVN, LocalNormal
+from ppl_vae.models import PPCA
 from tests.helpers import as_mvn, exact_posterior
 
 # Slack for the local fit's optimization shortfall, in nats per datapoint: Adam on

@@ -3,8 +3,8 @@ import torch
 from sklearn.decomposition import FactorAnalysis as SkFactorAnalysis
 
 import ppl_vae
-from guides import LinearEncoder
-from models import FactorAnalysis
+from ppl_vae.guides import LinearEncoder
+from ppl_vae.models import FactorAnalysis
 
 
 def test_posterior_satisfies_bayes_rule(fa_truth):

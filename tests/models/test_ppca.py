@@ -5,8 +5,8 @@ import torch
 from sklearn.decomposition import PCA
 
 import ppl_vae
-from guides import LinearEncoder
-from models import PPCA
+from ppl_vae.guides import LinearEncoder
+from ppl_vae.models import PPCA
 
 
 def test_posterior_satisfies_bayes_rule(ppca_truth):

@@ -8,8 +8,8 @@ import torch
 from pyro.nn import PyroModule
 
 import ppl_vae
-from guides import ExactPosterior, LinearEncoder
-from models import PPCA
+from ppl_vae.guides import ExactPosterior, LinearEncoder
+from ppl_vae.models import PPCA
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +189,8 @@ def test_vae_log_marginal_matches_a_hand_written_iwae():
     # samples at once): the two agree within their Monte Carlo standard errors.
     import torch.nn.functional as F
 
-    from guides import MLPEncoder
-    from models import VAE
+    from ppl_vae.guides import MLPEncoder
+    from ppl_vae.models import VAE
 
     torch.manual_seed(0)
     model, guide = VAE(20, 3, hidden=(16,)), MLPEncoder(20, 3, hidden=(16,))

@@ -8,8 +8,8 @@ import torch
 from pyro.nn import PyroModule
 
 import ppl_vae
-from guides import LinearEncoder
-from models import PPCA
+from ppl_vae.guides import LinearEncoder
+from ppl_vae.models import PPCA
 
 
 @pytest.fixture
@@ -157,8 +157,8 @@ def test_traced_loss_gives_the_same_history_as_the_plain_loss(setup):
 
 
 def test_traced_vae_loss_matches_the_plain_one():
-    from guides import MLPEncoder
-    from models import VAE
+    from ppl_vae.guides import MLPEncoder
+    from ppl_vae.models import VAE
 
     x = (torch.rand(120, 12, generator=torch.Generator().manual_seed(0)) < 0.3).float()
     histories = []
