@@ -1,11 +1,11 @@
 """ppl-vae: latent variable models in Pyro, and how good their inference is.
 
-Importing the package switches Pyro to module-local parameters: every model and guide
-keeps its parameters in its own ``nn.Module`` (nothing in the global param store).
+Every model and guide keeps its parameters in its own ``nn.Module``: the library's entry
+points switch Pyro to module-local parameters for their own call only
+(``ppl_vae.settings.module_local``), so importing it changes nothing for other Pyro code.
 """
 
-import pyro
-
+from ppl_vae.ais import AISResult, BDMCResult, ais, bdmc
 from ppl_vae.data import load_dataset, sample_from_model
 from ppl_vae.estimators import (
     Diagnostics,
@@ -19,13 +19,15 @@ from ppl_vae.estimators import (
 from ppl_vae.gaps import GapReport, RefinementCurve, fit_local, gaps, refine
 from ppl_vae.train import FitResult, fit
 
-pyro.settings.set(module_local_params=True)
-
 __all__ = [
+    "AISResult",
+    "BDMCResult",
     "Diagnostics",
     "FitResult",
     "GapReport",
     "RefinementCurve",
+    "ais",
+    "bdmc",
     "diagnostics",
     "elbo",
     "fit",

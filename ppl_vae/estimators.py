@@ -1,40 +1,53 @@
 """Per-datapoint importance sampling: log weights, log p(x), the ELBO, and diagnostics.
 
-Every estimator starts from one matrix of log weights [K, N],
+Every estimator starts from the log weights
 
     log w[k, n] = log p(x_n, z_kn) - log q(z_kn | x_n),    z_kn ~ q(. | x_n),
 
 and reduces over the K samples of each datapoint last. (Pyro's ``Importance`` and
 ``vectorized_importance_weights`` weight a whole batch jointly, which answers a different
 question.) The model and guide are reused as they are: no density is written twice.
+
+What the estimators refuse, before any work: a latent site outside the ``"data"`` plate
+or without ``.to_event`` for its event dims, a discrete latent, a guide that lacks a site
+for one of the model's latents or has a site the model does not have, and a point-mass
+guide. A proposal draw outside a latent's support (a Normal guide on a positive latent)
+scores log w = -inf: it gets weight zero, which keeps log p(x) a valid estimate (the
+weights still average to p(x)), and makes the ELBO -inf, its true value for such a guide.
+
+Draws depend only on (seed, datapoint index): see :mod:`ppl_vae.seeding`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import pyro
 import pyro.distributions as dist
-import pyro.util
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ppl_vae.densities import log_density
+from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.seeding import base_seed, blocks, caller_rng_kept, check_seed, seed_torch
+from ppl_vae.settings import module_local
 from ppl_vae.validation import as_data, one_of, positive_int
 
 PROPOSALS = ("guide", "prior")
 
-# Elements of one [samples, rows, D] temporary per chunk: 2**20 floats is 4 MB, so the
-# handful of such temporaries a decoder keeps alive stay far below 1 GB whatever K is,
-# and mostly in cache. Measured on the MNIST VAE (K=1000, 100 points, one thread):
-# 2**18 -> 1.66 s, 2**20 -> 1.28 s, 2**22 -> 1.91 s; all K at once by hand: 2.63 s.
-CHUNK_ELEMENTS = 2**20
+# Samples per seeded unit of work: a unit is SAMPLE_BLOCK samples of ROW_BLOCK (16) rows,
+# run as one vectorized call. It is fixed (not a memory knob) because it is part of what
+# the draws of a seeded evaluation are; 256 x 16 samples of a 784-pixel decoder keep each
+# temporary near 13 MB.
+SAMPLE_BLOCK = 256
 
 
+@module_local
 def log_weights(
     model,
     guide,
@@ -45,7 +58,6 @@ def log_weights(
     idx: Tensor | None = None,
     num_data: int | None = None,
     seed: int | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
     """Importance log weights log p(x, z) - log q(z | x), one column per datapoint.
 
@@ -53,7 +65,8 @@ def log_weights(
     ----------
     model, guide : PyroModule
         Following the ``forward(x, idx=None, num_data=None)`` convention; every latent
-        site must live in the ``"data"`` plate.
+        site must live in the ``"data"`` plate, and the guide must have a site for
+        each of the model's latents (and no other, unless marked auxiliary).
     x : Tensor or ndarray of shape (N, D)
     num_samples : int
         K, samples per datapoint.
@@ -61,44 +74,49 @@ def log_weights(
         ``"prior"`` draws z from the model's prior (naive Monte Carlo): the weights are
         then the likelihoods p(x | z).
     idx, num_data : optional
-        Row indices of ``x`` in the dataset a local guide was built for, and its size.
+        Row indices of ``x`` in the dataset (a local guide reads these rows), and its
+        size. The draws of row n depend only on ``seed`` and ``idx[n]``.
     seed : int, optional
-        Seeds the draws.
-    chunk_elements : int
-        Bound on samples x rows x D per chunk, which bounds peak memory.
+        Seeds the draws; the caller's random state is left as it was.
 
     Returns
     -------
     Tensor of shape (K, N)
+        -inf where a draw fell outside a latent's support.
     """
-    x = as_data(x, model)
-    num_samples = positive_int(num_samples, "num_samples")
-    one_of(proposal, PROPOSALS, "proposal")
-    idx = torch.arange(len(x), device=x.device) if idx is None else idx
-    num_data = num_data or len(x)
-    with _caller_rng_kept(seed is not None):
-        check_structure(model, x[:1], idx[:1], num_data)
-        if proposal == "guide":
-            _refuse_point_masses(guide, x[:1], idx[:1], num_data)
-        if seed is not None:  # after the checks, so they do not shift the draws
-            pyro.set_rng_seed(seed)
-        with torch.no_grad(), pyro.validation_enabled(False):
-            return _chunked(model, guide, x, idx, num_data, num_samples, proposal, chunk_elements)
+    job = _Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed)
+    out = job.x.new_empty(job.num_samples, len(job.x))
+    for positions, samples, lw in job.units():
+        out[samples, positions] = lw
+    return out
 
 
+@module_local
 def log_marginal(model, guide, x, num_samples: int = 1000, **kwargs) -> Tensor:
     """Importance-sampled log p(x) per datapoint, Tensor of shape (N,).
 
     log p(x_n) ~= logsumexp_k log w[k, n] - log K; a lower bound in expectation that
-    tightens as K grows. Keywords as for :func:`log_weights`.
+    tightens as K grows. It streams over K with an exact running logsumexp, so memory
+    stays bounded whatever K is. Keywords as for :func:`log_weights`.
     """
-    lw = log_weights(model, guide, x, num_samples, **kwargs)
-    return torch.logsumexp(lw, 0) - math.log(lw.shape[0])
+    job = _Job.checked(model, guide, x, num_samples, **kwargs)
+    running = torch.full((len(job.x),), -torch.inf, dtype=job.x.dtype, device=job.x.device)
+    for positions, _, lw in job.units():
+        running[positions] = torch.logaddexp(running[positions], torch.logsumexp(lw, 0))
+    return running - math.log(job.num_samples)
 
 
+@module_local
 def elbo(model, guide, x, num_samples: int = 100, **kwargs) -> Tensor:
-    """Monte Carlo ELBO per datapoint, E_q[log w], Tensor of shape (N,)."""
-    return log_weights(model, guide, x, num_samples, **kwargs).mean(0)
+    """Monte Carlo ELBO per datapoint, E_q[log w], Tensor of shape (N,).
+
+    Streams over K like :func:`log_marginal`. Keywords as for :func:`log_weights`.
+    """
+    job = _Job.checked(model, guide, x, num_samples, **kwargs)
+    total = torch.zeros(len(job.x), dtype=job.x.dtype, device=job.x.device)
+    for positions, _, lw in job.units():
+        total[positions] += lw.sum(0)
+    return total / job.num_samples
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,7 @@ class Diagnostics:
         return out
 
 
+@module_local
 def diagnostics(model, guide, x, num_samples: int = 1000, **kwargs) -> Diagnostics:
     """log p(x), ELBO, standard errors, ESS and PSIS k-hat per datapoint.
 
@@ -157,7 +176,12 @@ def summarize_log_weights(lw: Tensor) -> Diagnostics:
 
 
 def pareto_khat(lw: Tensor) -> Tensor:
-    """PSIS k-hat per datapoint (``arviz.psislw``, samples on the last axis)."""
+    """PSIS k-hat per datapoint (``arviz.psislw``, samples on the last axis).
+
+    NaN with fewer than 2 samples, where no tail can be fitted.
+    """
+    if lw.shape[0] < 2:
+        return torch.full((lw.shape[1],), float("nan"), dtype=lw.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz
@@ -182,114 +206,177 @@ def _mean_se(values: Tensor, per_point_se: Tensor | None) -> float:
     return math.sqrt(spread + noise)
 
 
-def _chunked(model, guide, x, idx, num_data, num_samples, proposal, chunk_elements) -> Tensor:
-    """Fill [K, N] chunk by chunk: many samples for few rows, so the guide runs rarely."""
-    sample_chunk = max(1, min(num_samples, chunk_elements // x.shape[1]))
-    row_chunk = max(1, chunk_elements // (sample_chunk * x.shape[1]))
-    out = x.new_empty(num_samples, len(x))
-    for r in range(0, len(x), row_chunk):
-        rows = slice(r, r + row_chunk)
-        for s in range(0, num_samples, sample_chunk):
-            k = min(sample_chunk, num_samples - s)
-            out[s : s + k, rows] = _chunk(model, guide, x[rows], idx[rows], num_data, k, proposal)
-    return out
+@dataclass(frozen=True)
+class _Job:
+    """One checked estimation: data, rows, and how the draws are made."""
+
+    model: object
+    guide: object
+    x: Tensor
+    idx: Tensor
+    num_data: int
+    num_samples: int
+    proposal: str
+    seed: int
+
+    @classmethod
+    def checked(cls, model, guide, x, num_samples, proposal="guide", idx=None,
+                num_data=None, seed=None) -> _Job:
+        """Validate everything at the public boundary, before any work."""
+        x = as_data(x, model)
+        num_samples = positive_int(num_samples, "num_samples")
+        one_of(proposal, PROPOSALS, "proposal")
+        seed = check_seed(seed)
+        idx, num_data = check_rows(x, idx, num_data)
+        with caller_rng_kept(seed is not None):
+            check_structure(model, x, idx, num_data)
+            if proposal == "guide":
+                check_guide(model, guide, x, idx, num_data)
+            seed = base_seed(seed)
+        return cls(model, guide, x, idx, num_data, num_samples, proposal, seed)
+
+    def units(self) -> Iterator[tuple[Tensor, slice, Tensor]]:
+        """(row positions, sample slice, log weights [S, rows]) for every seeded unit.
+
+        The caller's random state is restored afterwards.
+        """
+        with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
+            for block in blocks(self.idx):
+                rows = block.rows.to(self.x.device)
+                positions = block.positions.to(self.x.device)
+                xb, ib = self.x[rows], self.idx[rows]
+                for number, start in enumerate(range(0, self.num_samples, SAMPLE_BLOCK)):
+                    k = min(SAMPLE_BLOCK, self.num_samples - start)
+                    seed_torch(self.seed, block.number, number)
+                    lw = _unit(self.model, self.guide, xb, ib, self.num_data, k, self.proposal)
+                    yield positions, slice(start, start + k), lw[:, block.real.to(lw.device)]
 
 
-def _chunk(model, guide, x, idx, num_data, k, proposal) -> Tensor:
+def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:
     shape = (k, len(x))
     with pyro.plate("particles", k, dim=-2):
         if proposal == "prior":
             model_trace = poutine.trace(model).get_trace(x, idx, num_data)
-            return _log_density(model_trace, shape, observed=True)
+            return log_density(model_trace, shape, observed=True)
         guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
-    log_joint = _log_density(model_trace, shape, observed=None)
-    return log_joint - _log_density(guide_trace, shape, observed=False)
+    log_joint = log_density(model_trace, shape)
+    return log_joint - log_density(guide_trace, shape, observed=False)
 
 
-def _log_density(trace, shape, observed: bool | None) -> Tensor:
-    """Sum of unscaled site log-densities, shape [K, B]; ``observed`` picks the sites."""
-    total = torch.zeros(shape)
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if observed is not None and site["is_observed"] != observed:
-            continue
-        log_prob = site["fn"].log_prob(site["value"])
-        if site["mask"] is not None:
-            log_prob = log_prob.masked_fill(~site["mask"], 0.0)
-        total = total.to(log_prob) + log_prob
-    return total.expand(shape)
+def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
+    """``idx`` (default: 0..N-1) as a LongTensor of length N, and ``num_data``."""
+    if idx is None:
+        idx = torch.arange(len(x), device=x.device)
+    else:
+        idx = torch.as_tensor(idx, device=x.device)
+        if idx.dtype not in (torch.int64, torch.int32) or idx.shape != (len(x),):
+            raise ValueError(
+                f"idx must hold one integer row index per row of x ({len(x)}), got "
+                f"dtype {idx.dtype} and shape {tuple(idx.shape)}"
+            )
+        idx = idx.long()
+        if len(idx) and int(idx.min()) < 0:
+            raise ValueError(f"idx must be non-negative, got {int(idx.min())}")
+    if num_data is None:
+        num_data = max(len(x), int(idx.max()) + 1)
+    num_data = positive_int(num_data, "num_data")
+    if int(idx.max()) >= num_data:
+        raise ValueError(f"idx holds row {int(idx.max())} but num_data is {num_data}")
+    return idx, num_data
 
 
-def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> None:
+def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> LatentSpace:
     """Check, on one cheap trace, what per-datapoint estimates need of a model.
 
     Every latent site must live in the ``"data"`` plate (a global latent couples the
-    datapoints, so log p(x_n) no longer splits per datapoint), and an observed site must
-    declare a datapoint's dims as event dims (``.to_event(1)``), or its log-density is
-    not one number per datapoint.
+    datapoints, so log p(x_n) no longer splits per datapoint), declare its event dims,
+    and be continuous; an observed site must declare a datapoint's dims as event dims
+    (``.to_event(1)``), or its log-density is not one number per datapoint.
+
+    Returns
+    -------
+    LatentSpace
+        The model's latent sites.
     """
-    try:
-        with torch.no_grad(), pyro.validation_enabled(False):
-            trace = poutine.trace(model).get_trace(x, idx, num_data)
-    except (ValueError, RuntimeError) as error:
-        raise ValueError(
-            f"the model fails on a single datapoint ({error}); check that every "
-            "per-datapoint site is inside the 'data' plate and declares its event dims "
-            "with .to_event(1)"
-        ) from error
+    space = LatentSpace.of(model, x, idx, num_data)
+    first = None if idx is None else idx[:1]
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(x[:1], first, num_data)
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
+        if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
             continue
-        if not site["is_observed"] and "data" not in {f.name for f in site["cond_indep_stack"]}:
-            raise ValueError(
-                f"latent site {name!r} is outside the 'data' plate: per-datapoint "
-                "estimators need every latent variable to be local to a datapoint"
-            )
         event_shape = tuple(site["fn"].event_shape)
-        if site["is_observed"] and event_shape != tuple(site["value"].shape[1:]):
+        if event_shape != tuple(site["value"].shape[1:]):
             raise ValueError(
                 f"observed site {name!r} has event shape {event_shape} but each datapoint "
                 f"has shape {tuple(site['value'].shape[1:])}: the data must have the "
                 "model's width, and the model must declare a datapoint's dims as event "
                 "dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
             )
+    return space
+
+
+def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse a guide that cannot serve as an importance proposal for ``model``.
+
+    It must have a site for each of the model's latents, no latent site the model does
+    not have (unless marked ``infer={"is_auxiliary": True}``), and no point mass.
+    """
+    check_guide_covers(model, guide, x[:1], idx[:1], num_data)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
+    _refuse_point_masses(trace)
 
 
 def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
-    """Refuse a guide that lacks a site for one of the model's latent variables.
+    """Refuse a guide whose sites do not match the model's latents one to one.
 
-    Such a variable would be redrawn from its prior at every SVI step, and never fitted.
+    A model latent with no guide site would be redrawn from its prior (by SVI at every
+    step, by the estimators in every sample) while its density stays in the joint; a
+    guide site that is no latent of the model adds a log q term with no log p term.
     Sites marked for enumeration are left to the guide-less route they are meant for.
     """
     with torch.no_grad(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    latents = {name for name, site in model_trace.nodes.items() if _is_latent(site)}
     missing = [
-        name
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site_is_subsample(site)
-        and not site["infer"].get("enumerate")
-        and name not in guide_trace.nodes
+        name for name in latents
+        if name not in guide_trace.nodes and not model_trace.nodes[name]["infer"].get("enumerate")
     ]
     if missing:
         raise ValueError(
-            f"the model's latent sites {missing} have no site in the guide "
-            f"({type(guide).__name__}): SVI would redraw them from the prior at every "
-            "step; give the guide a site of the same name for each"
+            f"the model's latent sites {sorted(missing)} have no site in the guide "
+            f"({type(guide).__name__}): they would be drawn from the prior while their "
+            "density stays in the joint; give the guide a site of the same name for each"
+        )
+    extra = [
+        name for name, site in guide_trace.nodes.items()
+        if _is_latent(site) and not site["infer"].get("is_auxiliary") and name not in latents
+    ]
+    if extra:
+        raise ValueError(
+            f"the guide ({type(guide).__name__}) has sample sites {sorted(extra)} that are "
+            "not latent sites of the model: their log q would count with no log p; rename "
+            "them to the model's sites or mark them infer={'is_auxiliary': True}"
         )
 
 
-def _refuse_point_masses(guide, x, idx, num_data) -> None:
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x, idx, num_data)
+def _is_latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def _refuse_point_masses(trace) -> None:
+    """A Delta site is a point mass unless an auxiliary site carries its randomness (as
+    in guides that sample one joint vector and hand each latent its piece)."""
+    if any(site["type"] == "sample" and site["infer"].get("is_auxiliary")
+           for site in trace.nodes.values()):
+        return
     for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site) and _is_delta(site["fn"]):
+        if _is_latent(site) and _is_delta(site["fn"]):
             raise ValueError(
                 f"guide site {name!r} is a point mass (Delta): it has no density to "
                 "weight by, so it cannot be an importance-sampling proposal; use an "
@@ -301,16 +388,3 @@ def _is_delta(fn) -> bool:
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)
-
-
-@contextlib.contextmanager
-def _caller_rng_kept(keep: bool):
-    """Leave the caller's random state as it was (a seeded call must not reseed it)."""
-    if not keep:
-        yield
-        return
-    state = pyro.util.get_rng_state()
-    try:
-        yield
-    finally:
-        pyro.util.set_rng_state(state)

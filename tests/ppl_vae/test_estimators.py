@@ -5,11 +5,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ppl_vae.guides import ExactPosterior, LinearEncoder
+from ppl_vae.models import PPCA
 from pyro.nn import PyroModule
 
 import ppl_vae
-from ppl_vae.guides import ExactPosterior, LinearEncoder
-from ppl_vae.models import PPCA
+from ppl_vae.estimators import SAMPLE_BLOCK
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,15 @@ def test_exact_posterior_weights_have_zero_variance(mle):
     torch.testing.assert_close(d.ess, torch.full_like(d.ess, 50.0))
 
 
-def test_chunks_are_assembled_per_datapoint(mle):
-    # Tiny chunks split both samples and rows; with exact weights any misplaced cell
-    # would show up as another datapoint's log p(x).
+def test_blocks_are_assembled_per_datapoint(mle):
+    # Scattered row indices make partial, padded blocks, and K > SAMPLE_BLOCK splits the
+    # samples; with exact weights any misplaced cell shows up as another row's log p(x).
     model, x = mle
-    lw = ppl_vae.log_weights(model, ExactPosterior(model), x[:37], 11, chunk_elements=30)
+    idx = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:37]
+    k = SAMPLE_BLOCK + 11
+    lw = ppl_vae.log_weights(model, ExactPosterior(model), x[:37], k, idx=idx, num_data=500)
     exact = model.marginal().log_prob(x[:37]).detach()
-    torch.testing.assert_close(lw, exact.expand(11, -1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(lw, exact.expand(k, -1), rtol=0, atol=1e-9)
 
 
 def test_elbo_is_below_log_marginal_for_every_datapoint(mle, trained_encoder):
@@ -99,7 +102,12 @@ def test_prior_proposal_is_unbiased_but_noisier(mle, trained_encoder):
     x = x[:30]
     exact = model.marginal().log_prob(x).detach()
     naive = ppl_vae.diagnostics(model, None, x, 20000, proposal="prior", seed=2)
-    assert ((naive.log_marginal - exact).abs() < 4 * naive.log_marginal_se + 1e-3).all()
+    # The prior is a poor proposal for most of these points: only where k-hat says the
+    # weights have a finite variance is the delta-method standard error meaningful.
+    reliable = naive.khat < 0.7
+    assert reliable.sum() >= 3
+    error = (naive.log_marginal - exact)[reliable].abs()
+    assert (error < 4 * naive.log_marginal_se[reliable] + 1e-3).all()
     guided = ppl_vae.diagnostics(model, trained_encoder, x, 20000, seed=2)
     assert (naive.log_marginal_se > guided.log_marginal_se).all()
     assert (naive.ess < guided.ess).all()
@@ -188,7 +196,6 @@ def test_vae_log_marginal_matches_a_hand_written_iwae():
     # The chunked, traced estimator against the same quantity written by hand (all K
     # samples at once): the two agree within their Monte Carlo standard errors.
     import torch.nn.functional as F
-
     from ppl_vae.guides import MLPEncoder
     from ppl_vae.models import VAE
 
@@ -205,7 +212,7 @@ def test_vae_log_marginal_matches_a_hand_written_iwae():
         prior = torch.distributions.Normal(0.0, 1.0)
         lw = log_lik + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
     by_hand = ppl_vae.summarize_log_weights(lw)
-    ours = ppl_vae.diagnostics(model, guide, x, k, seed=1, chunk_elements=2**10)
+    ours = ppl_vae.diagnostics(model, guide, x, k, seed=1)
     se = torch.hypot(by_hand.log_marginal_se, ours.log_marginal_se)
     assert ((ours.log_marginal - by_hand.log_marginal).abs() < 4 * se).all()
     se = torch.hypot(by_hand.elbo_se, ours.elbo_se)
@@ -233,7 +240,7 @@ class _NoEventDims(PyroModule):
 def test_missing_event_dims_are_refused_before_any_work():
     # With 10 rows of 10 dims the shapes happen to broadcast, so only a one-row trace
     # shows the mistake.
-    with pytest.raises(ValueError, match=r"(?s)fails on a single datapoint.*to_event\(1\)"):
+    with pytest.raises(ValueError, match=r"(?s)fails on a single datapoint.*to_event"):
         ppl_vae.log_marginal(_NoEventDims(), None, torch.zeros(10, 10), 5, proposal="prior")
 
 

@@ -1,0 +1,212 @@
+"""A model's latent variables as one flat, unconstrained vector per datapoint.
+
+Local guides, AIS and HMC all work on the same object: every latent sample site of the
+model inside the ``"data"`` plate, whatever its name, event shape or support, mapped to
+R^d by ``biject_to(site.support)`` and concatenated in the order the model samples them.
+A vector ``u`` of shape (..., d) then stands for one value of every latent:
+
+    values, log_det = space.unflatten(u)      # constrained values, log |d values / d u|
+
+so a density q(u) over R^d is the density q(z) of the constrained latents times the
+Jacobian, and a model's log p(x, z(u)) + log_det is its density in the unconstrained
+space. Nothing here evaluates a model's density; that stays with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import Transform
+
+DATA_PLATE = "data"
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """One latent sample site: its name, event shape and support.
+
+    ``unconstrained_shape`` is the event shape of its unconstrained value (it differs
+    from ``event_shape`` for supports such as the simplex).
+    """
+
+    name: str
+    event_shape: torch.Size
+    support: constraints.Constraint
+
+    @cached_property
+    def transform(self) -> Transform:
+        """``biject_to(support)``: unconstrained value -> value in the support."""
+        return biject_to(self.support)
+
+    @cached_property
+    def unconstrained_shape(self) -> torch.Size:
+        return torch.Size(self.transform.inverse_shape(self.event_shape))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.unconstrained_shape)
+
+    @property
+    def is_real(self) -> bool:
+        """True when the support is all of R^n (the transform is the identity)."""
+        base = self.support
+        while isinstance(base, constraints.independent):
+            base = base.base_constraint
+        return base is constraints.real
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """The latent sites of a model and the map between them and one vector in R^d.
+
+    Build it with :meth:`of`. ``dim`` is d, the total size of the unconstrained latents.
+    """
+
+    sites: tuple[LatentSite, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(site.size for site in self.sites)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(site.name for site in self.sites)
+
+    @classmethod
+    def of(cls, model, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
+        """The latent space of ``model``, read from one trace on the first row of ``x``.
+
+        Raises
+        ------
+        ValueError
+            When a latent site is outside the ``"data"`` plate, has batch dims other
+            than that plate's (an event dim not declared with ``.to_event``), or has a
+            discrete support; or when the model has no latent site at all.
+        """
+        first = None if idx is None else idx[:1]
+        try:
+            with torch.no_grad(), pyro.validation_enabled(False):
+                trace = poutine.trace(model).get_trace(x[:1], first, num_data)
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"{type(model).__name__} fails on a single datapoint ({error}); check that "
+                f"every per-datapoint site is inside the {DATA_PLATE!r} plate and declares "
+                "its event dims with .to_event(n)"
+            ) from error
+        sites = tuple(_latent_site(name, site) for name, site in _latent_nodes(trace))
+        if not sites:
+            raise ValueError(
+                f"{type(model).__name__} has no latent sample site: there is nothing to "
+                "infer"
+            )
+        return cls(sites)
+
+    def unflatten(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Constrained values of every site from ``u`` of shape (..., d).
+
+        Returns
+        -------
+        values : dict of str to Tensor of shape (..., *event_shape)
+        log_det : Tensor of shape (...)
+            log |det d values / d u|, summed over the sites.
+        """
+        batch = u.shape[:-1]
+        values, log_det, start = {}, u.new_zeros(batch), 0
+        for site in self.sites:
+            piece = u[..., start : start + site.size].reshape(*batch, *site.unconstrained_shape)
+            start += site.size
+            if site.is_real:
+                values[site.name] = piece
+                continue
+            value = site.transform(piece)
+            values[site.name] = value
+            log_det = log_det + _sum_to(site.transform.log_abs_det_jacobian(piece, value), batch)
+        return values, log_det
+
+    def flatten(self, values: dict[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`unflatten`: ``u`` of shape (..., d) from constrained values."""
+        pieces = []
+        for site in self.sites:
+            value = values[site.name]
+            batch = value.shape[: value.dim() - len(site.event_shape)]
+            piece = value if site.is_real else site.transform.inv(value)
+            pieces.append(piece.reshape(*batch, site.size))
+        return torch.cat(pieces, -1)
+
+    def log_det(self, u: Tensor) -> Tensor:
+        """log |det d values / d u| of ``u`` of shape (..., d), shape (...)."""
+        return self.unflatten(u)[1]
+
+    def unflatten_sites(self, u: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Like :meth:`unflatten`, with each site's log-Jacobian kept apart.
+
+        A guide that samples ``u`` and hands each site its value as a ``Delta`` gives
+        each site its own ``log_density`` from these.
+
+        Returns
+        -------
+        values : dict of str to Tensor of shape (..., *event_shape)
+        log_dets : dict of str to Tensor of shape (...)
+            log |det d value / d piece| of each site (zeros for real sites).
+        """
+        batch = u.shape[:-1]
+        values, log_dets, start = {}, {}, 0
+        for site in self.sites:
+            piece = u[..., start : start + site.size].reshape(*batch, *site.unconstrained_shape)
+            start += site.size
+            if site.is_real:
+                values[site.name], log_dets[site.name] = piece, u.new_zeros(batch)
+                continue
+            value = site.transform(piece)
+            values[site.name] = value
+            log_dets[site.name] = _sum_to(site.transform.log_abs_det_jacobian(piece, value), batch)
+        return values, log_dets
+
+
+def _latent_nodes(trace):
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+            continue
+        if site["infer"].get("is_auxiliary"):
+            continue
+        yield name, site
+
+
+def _latent_site(name: str, site: dict) -> LatentSite:
+    fn = site["fn"]
+    if DATA_PLATE not in {frame.name for frame in site["cond_indep_stack"]}:
+        raise ValueError(
+            f"latent site {name!r} is outside the {DATA_PLATE!r} plate: per-datapoint "
+            "estimators need every latent variable to be local to a datapoint (sample it "
+            f"inside pyro.plate({DATA_PLATE!r}, ...))"
+        )
+    batch_shape = tuple(fn.batch_shape)
+    if batch_shape not in ((), (1,)):
+        event = tuple(fn.event_shape)
+        raise ValueError(
+            f"latent site {name!r} has batch shape {batch_shape} on one datapoint (event "
+            f"shape {event}): every dim of a datapoint's latent must be an event dim; "
+            f"declare them with .to_event({len(batch_shape)}) "
+            f"(e.g. dist.Normal(loc, scale).to_event(1))"
+        )
+    support = fn.support
+    if support.is_discrete:
+        raise ValueError(
+            f"latent site {name!r} has a discrete support ({support}): the library's "
+            "estimators, local guides and AIS need continuous latents"
+        )
+    return LatentSite(name, torch.Size(fn.event_shape), support)
+
+
+def _sum_to(value: Tensor, batch: torch.Size) -> Tensor:
+    """Sum ``value`` over the dims right of ``batch`` (elementwise Jacobians)."""
+    extra = value.dim() - len(batch)
+    return value.sum(tuple(range(-extra, 0))) if extra > 0 else value

@@ -1,0 +1,557 @@
+"""Annealed importance sampling (AIS) and bidirectional Monte Carlo (BDMC) for log p(x).
+
+For each datapoint x, AIS walks from an initial distribution q(z) to the posterior along
+the geometric path
+
+    f_t(z) = q(z)^(1 - beta_t) p(x, z)^beta_t,      0 = beta_0 <= ... <= beta_T = 1,
+
+with HMC transitions that leave each f_t invariant, and accumulates the log weight
+
+    log w = sum_t (beta_t - beta_{t-1}) [log p(x, z_{t-1}) - log q(z_{t-1})].
+
+E[w] = p(x), so the log of the mean weight over chains is a stochastic lower bound
+on log p(x) (Neal, 2001). Run in reverse from an exact posterior sample, the same
+chain gives a stochastic upper bound; on data simulated from the model, where the
+latents that made x are such a sample, the two bound log p(x) from both sides: BDMC
+(Grosse, Ghahramani & Adams, 2015; Wu, Burda, Salakhutdinov & Grosse, 2017).
+
+Everything runs in the unconstrained space of the model's latents (``LatentSpace``):
+every latent site in the ``"data"`` plate, any name, event shape or support, with the
+log-Jacobian of ``biject_to(support)`` in the density. Densities and their gradients
+come from traces of the model itself (and of the guide, when it is the initial
+distribution). Chains x datapoints are one vectorized state; rows go in chunks.
+
+Step sizes. A chain whose step size is steered by its own acceptances is no longer a
+fixed sequence of f_t-invariant kernels, and its weight loses its unbiasedness (we
+measured +0.01 to +0.03 nats of upward bias on a 2-D quadrature model); steering it
+from the other chains of its datapoint is not enough either, since their step sizes
+in turn depend on its past. So ``adapt=True`` runs ``pilot_chains`` extra chains per
+datapoint beside the real ones, in the same vectorized state: the step size of a
+datapoint follows the mean acceptance probability of its pilot chains alone (a
+multiplicative Robbins-Monro rule toward ``target_accept``), and the pilot chains'
+weights are discarded. The real chains' kernels are then a sequence fixed by
+randomness independent of them, and each real weight stays unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ppl_vae.densities import log_density, log_joint
+from ppl_vae.estimators import check_guide, check_rows, check_structure
+from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
+from ppl_vae.seeding import generator as block_generator
+from ppl_vae.settings import module_local
+from ppl_vae.validation import as_data, positive_int
+
+SCHEDULES = ("linear", "sigmoid")
+# Wu et al.'s sigmoid schedule sigma(delta (2t/T - 1)) with delta = 4.
+SIGMOID_DELTA = 4.0
+# Multiplicative step-size rule: log eps += ADAPT_GAIN * (acceptance - target).
+ADAPT_GAIN = 0.05
+STEP_SIZE_RANGE = (1e-4, 1.0)
+# Chains x rows x data-dims per chunk: bounds the memory of the decoder's temporaries.
+CHUNK_ELEMENTS = 2**22
+
+
+@dataclass(frozen=True)
+class AISResult:
+    """log p(x) per datapoint from annealed importance sampling.
+
+    Attributes
+    ----------
+    log_marginal : Tensor of shape (N,)
+        log of the mean AIS weight over chains: a stochastic lower bound on log p(x).
+    log_marginal_se : Tensor of shape (N,)
+        Its standard error over chains (delta method); NaN with one chain.
+    log_weights : Tensor of shape (num_chains, N)
+    ess : Tensor of shape (N,)
+        Effective sample size of the chains' normalized weights, in [1, num_chains].
+    acceptance : Tensor of shape (N,)
+        Mean HMC acceptance probability over steps and chains.
+    step_size : Tensor of shape (N,)
+        Final step size per datapoint (constant when not adapted).
+    num_steps, num_chains : int
+    seconds : float
+        Wall-clock time of the call.
+    """
+
+    log_marginal: Tensor
+    log_marginal_se: Tensor
+    log_weights: Tensor
+    ess: Tensor
+    acceptance: Tensor
+    step_size: Tensor
+    num_steps: int
+    num_chains: int
+    seconds: float
+
+    def summary(self) -> dict:
+        """Means over datapoints, with standard errors (spread plus Monte Carlo noise)."""
+        n = len(self.log_marginal)
+        spread = float(self.log_marginal.var()) / n if n > 1 else 0.0
+        noise = float(self.log_marginal_se.nan_to_num().square().sum()) / n**2
+        return {
+            "num_data": n,
+            "num_steps": self.num_steps,
+            "num_chains": self.num_chains,
+            "log_marginal": float(self.log_marginal.mean()),
+            "log_marginal_se": math.sqrt(spread + noise),
+            "ess": float(self.ess.mean()),
+            "acceptance": float(self.acceptance.mean()),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class BDMCResult:
+    """Bidirectional Monte Carlo bounds on log p(x) for data simulated from the model.
+
+    Attributes
+    ----------
+    lower : Tensor of shape (N,)
+        Forward AIS: a stochastic lower bound.
+    upper : Tensor of shape (N,)
+        Reverse AIS from the exact latents: a stochastic upper bound.
+    forward, reverse : AISResult
+        The two runs (``reverse.log_marginal`` is ``upper``).
+    """
+
+    lower: Tensor
+    upper: Tensor
+    forward: AISResult
+    reverse: AISResult
+
+    @property
+    def gap(self) -> float:
+        """Mean of ``upper - lower``: it bounds the error of AIS with these settings."""
+        return float((self.upper - self.lower).mean())
+
+    def summary(self) -> dict:
+        """Mean bounds and the sandwich width, with the settings."""
+        gap = self.upper - self.lower
+        n = len(gap)
+        return {
+            "num_data": n,
+            "num_steps": self.forward.num_steps,
+            "num_chains": self.forward.num_chains,
+            "lower": float(self.lower.mean()),
+            "upper": float(self.upper.mean()),
+            "gap": float(gap.mean()),
+            "gap_se": float(gap.std() / math.sqrt(n)) if n > 1 else float("nan"),
+            "seconds": self.forward.seconds + self.reverse.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class _Settings:
+    num_chains: int
+    pilot_chains: int
+    leapfrog_steps: int
+    step_size: float
+    target_accept: float
+    adapt: bool
+    seed: int
+    progress: bool
+
+
+@module_local
+def ais(
+    model,
+    x,
+    *,
+    proposal=None,
+    num_steps: int = 1000,
+    num_chains: int = 16,
+    leapfrog_steps: int = 10,
+    step_size: float = 0.05,
+    target_accept: float = 0.65,
+    adapt: bool = True,
+    pilot_chains: int = 4,
+    schedule: str | Sequence[float] = "sigmoid",
+    idx: Tensor | None = None,
+    num_data: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> AISResult:
+    """log p(x) per datapoint by annealed importance sampling with HMC transitions.
+
+    Parameters
+    ----------
+    model : PyroModule
+        Following the library's conventions; every latent site in the ``"data"`` plate.
+    x : Tensor or ndarray of shape (N, D)
+    proposal : guide, optional
+        The initial distribution: the model's prior when None, else the guide's
+        q(z | x) (amortized or local; a local guide reads rows ``idx``). Its samples
+        and density are the guide's own (a local guide of this library through its
+        ``joint_distribution``; any other guide by conditioning it on a value).
+    num_steps : int
+        T, the number of intermediate distributions (T = 1 is importance sampling
+        with ``num_chains`` samples).
+    num_chains : int
+        Independent AIS runs per datapoint.
+    leapfrog_steps : int
+        Leapfrog steps per HMC transition.
+    step_size : float
+        Initial (or, with ``adapt=False``, fixed) leapfrog step size.
+    target_accept : float
+        Acceptance probability the step size is adapted toward.
+    adapt : bool
+        Adapt one step size per datapoint from ``pilot_chains`` extra chains (see the
+        module's docstring for why this keeps the weights unbiased).
+    pilot_chains : int
+        Chains per datapoint that only steer the step size (used when ``adapt``).
+    schedule : {"linear", "sigmoid"} or sequence of float
+        The betas: evenly spaced, Wu et al.'s sigmoid sigma(4 (2t/T - 1)) rescaled to
+        run from exactly 0 to 1, or a user array of T + 1 non-decreasing values from 0
+        to 1 (which then sets ``num_steps``).
+    idx, num_data : optional
+        Row indices of ``x`` in the dataset, and its size (for local guides).
+    seed : int, optional
+        The chains of row n depend only on ``seed`` and ``idx[n]``.
+    progress : bool
+        Show a progress bar with beta and the acceptance rate.
+
+    Returns
+    -------
+    AISResult
+    """
+    x, idx, num_data, betas, settings = _checked(
+        model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
+        target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress,
+    )
+    space = check_structure(model, x, idx, num_data)
+    if proposal is not None:
+        check_guide(model, proposal, x, idx, num_data)
+    return _run(model, proposal, space, x, idx, num_data, betas, settings, reverse_from=None)
+
+
+@module_local
+def bdmc(
+    model,
+    x,
+    latents: dict[str, Tensor],
+    *,
+    num_steps: int = 1000,
+    num_chains: int = 16,
+    proposal=None,
+    leapfrog_steps: int = 10,
+    step_size: float = 0.05,
+    target_accept: float = 0.65,
+    adapt: bool = True,
+    pilot_chains: int = 4,
+    schedule: str | Sequence[float] = "sigmoid",
+    seed: int | None = None,
+    progress: bool = True,
+) -> BDMCResult:
+    """Sandwich log p(x) between forward and reverse AIS on simulated data.
+
+    For data drawn from the model (``ppl_vae.sample_from_model`` returns ``x`` and
+    ``latents``), the latents that generated x_n are an exact draw from p(z | x_n), so
+    AIS run backward from them, from the posterior to the initial distribution, gives
+    a stochastic upper bound; forward AIS gives a lower bound. The mean gap
+    ``upper - lower`` bounds the error of AIS with these settings on data like this:
+    raise ``num_steps`` until it is small enough.
+
+    Parameters
+    ----------
+    model, x, proposal, num_steps, num_chains, ... : as for :func:`ais`
+    latents : dict of str to Tensor
+        The value of every latent site of the model for each row of x, shape
+        (N, *event_shape).
+
+    Returns
+    -------
+    BDMCResult
+    """
+    x, idx, num_data, betas, settings = _checked(
+        model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
+        target_accept, adapt, pilot_chains, schedule, None, None, seed, progress,
+    )
+    space = check_structure(model, x, idx, num_data)
+    if proposal is not None:
+        check_guide(model, proposal, x, idx, num_data)
+    exact = space.flatten(_checked_latents(latents, space, x))
+    forward = _run(model, proposal, space, x, idx, num_data, betas, settings, None)
+    reverse_settings = _Settings(**{**settings.__dict__, "seed": settings.seed ^ 0x5A5A5A5A})
+    reverse = _run(model, proposal, space, x, idx, num_data, betas, reverse_settings, exact)
+    return BDMCResult(lower=forward.log_marginal, upper=reverse.log_marginal,
+                      forward=forward, reverse=reverse)
+
+
+def schedule_betas(schedule: str | Sequence[float], num_steps: int) -> Tensor:
+    """The T + 1 betas of a named schedule, or a checked user array (float64)."""
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or an array, got {schedule!r}")
+        t = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+        if schedule == "linear":
+            return t
+        s = torch.sigmoid(SIGMOID_DELTA * (2 * t - 1))
+        return (s - s[0]) / (s[-1] - s[0])
+    betas = torch.as_tensor(np.asarray(schedule, dtype=np.float64))
+    if betas.ndim != 1 or len(betas) < 2:
+        raise ValueError(f"schedule must hold at least 2 betas, got shape {tuple(betas.shape)}")
+    if not torch.isfinite(betas).all() or (betas.diff() < 0).any():
+        raise ValueError("schedule must be finite and non-decreasing")
+    if betas[0] != 0 or betas[-1] != 1:
+        raise ValueError(
+            f"schedule must run from 0 to 1, got {float(betas[0])} to {float(betas[-1])}"
+        )
+    return betas
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
+             target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress):
+    x = as_data(x, model)
+    idx, num_data = check_rows(x, idx, num_data)
+    positive_int(num_steps, "num_steps")
+    betas = schedule_betas(schedule, num_steps)
+    if not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a positive number, got {step_size!r}")
+    if not (isinstance(target_accept, (int, float)) and 0 < target_accept < 1):
+        raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+    settings = _Settings(
+        num_chains=positive_int(num_chains, "num_chains"),
+        pilot_chains=positive_int(pilot_chains, "pilot_chains") if adapt else 0,
+        leapfrog_steps=positive_int(leapfrog_steps, "leapfrog_steps"),
+        step_size=float(step_size),
+        target_accept=float(target_accept),
+        adapt=bool(adapt),
+        seed=base_seed(check_seed(seed)),
+        progress=progress,
+    )
+    return x, idx, num_data, betas, settings
+
+
+def _checked_latents(latents, space: LatentSpace, x: Tensor) -> dict[str, Tensor]:
+    if not isinstance(latents, dict):
+        raise ValueError(f"latents must be a dict of site name to Tensor, got {type(latents)}")
+    missing = [name for name in space.names if name not in latents]
+    if missing:
+        raise ValueError(f"latents lacks the model's latent sites {missing}")
+    out = {}
+    for site in space.sites:
+        value = torch.as_tensor(latents[site.name]).to(x)
+        expected = (len(x), *site.event_shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"latents[{site.name!r}] must have shape {expected} (one value per row of "
+                f"x), got {tuple(value.shape)}"
+            )
+        if not bool(site.support.check(value).all()):
+            raise ValueError(f"latents[{site.name!r}] has values outside the site's support")
+        out[site.name] = value
+    return out
+
+
+# -------------------------------------------------------------------------- the run
+
+
+def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -> AISResult:
+    """Forward AIS (``reverse_from=None``) or reverse AIS from exact unconstrained latents."""
+    start = time.perf_counter()
+    total = settings.num_chains + settings.pilot_chains
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // (total * max(x.shape[1], space.dim)))
+    n = len(x)
+    log_w = x.new_empty(settings.num_chains, n)
+    acceptance, step_size = x.new_empty(n), x.new_empty(n)
+    chunks = list(_chunks(list(blocks(idx)), rows_per_chunk))
+    bar = tqdm(total=len(chunks) * (len(betas) - 1), disable=not settings.progress,
+               desc="AIS" if reverse_from is None else "reverse AIS", unit="step")
+    with caller_rng_kept(), pyro.validation_enabled(False):
+        for chunk in chunks:
+            rows = torch.cat([b.rows for b in chunk]).to(x.device)
+            target = _Target(model, guide, space, x[rows], idx[rows], num_data)
+            exact = None if reverse_from is None else reverse_from[rows]
+            out = _anneal(target, chunk, betas, settings, exact, bar)
+            real = torch.cat([b.real for b in chunk]).to(x.device)
+            positions = torch.cat([b.positions for b in chunk]).to(x.device)
+            log_w[:, positions] = out[0][:, real]
+            acceptance[positions], step_size[positions] = out[1][real], out[2][real]
+    bar.close()
+    if reverse_from is not None:
+        log_w = -log_w  # the reverse weights estimate 1 / p(x)
+    return _result(log_w, acceptance, step_size, len(betas) - 1, time.perf_counter() - start,
+                   upper=reverse_from is not None)
+
+
+def _chunks(all_blocks: list[Block], rows_per_chunk: int) -> Iterator[list[Block]]:
+    per_chunk = max(1, rows_per_chunk // len(all_blocks[0].rows))
+    for i in range(0, len(all_blocks), per_chunk):
+        yield all_blocks[i : i + per_chunk]
+
+
+def _result(log_w, acceptance, step_size, num_steps, seconds, upper: bool) -> AISResult:
+    c = log_w.shape[0]
+    lme = torch.logsumexp(log_w, 0) - math.log(c)
+    w = (log_w - lme).exp()
+    se = w.std(0) / math.sqrt(c) if c > 1 else torch.full_like(lme, float("nan"))
+    log_marginal = -lme if upper else lme
+    stored = -log_w if upper else log_w
+    return AISResult(
+        log_marginal=log_marginal, log_marginal_se=se, log_weights=stored,
+        ess=c**2 / w.square().sum(0), acceptance=acceptance, step_size=step_size,
+        num_steps=num_steps, num_chains=c, seconds=seconds,
+    )
+
+
+class _Target:
+    """log q(u), log p(x, u) and the gradient of the path's log f_beta for one chunk."""
+
+    def __init__(self, model, guide, space: LatentSpace, x, idx, num_data):
+        self.model, self.guide, self.space = model, guide, space
+        self.x, self.idx, self.num_data = x, idx, num_data
+        self.joint = getattr(guide, "joint_distribution", None)
+
+    def initial(self, chains: int) -> Tensor:
+        """u of shape (chains, B, d) drawn from the initial distribution."""
+        with torch.no_grad(), pyro.plate("particles", chains, dim=-2):
+            if self.guide is None:
+                trace = poutine.trace(self.model).get_trace(self.x, self.idx, self.num_data)
+            elif self.joint is not None:
+                return self.joint(self.x, self.idx).sample((chains,))
+            else:
+                trace = poutine.trace(self.guide).get_trace(self.x, self.idx, self.num_data)
+        values = {name: trace.nodes[name]["value"] for name in self.space.names}
+        return self.space.flatten(values)
+
+    def parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(log q(u), log p(x, u)), each of shape (C, B), in the unconstrained space."""
+        log_prior, log_lik = log_joint(self.model, self.space, self.x, self.idx,
+                                       self.num_data, u)
+        log_p = log_prior + log_lik
+        if self.guide is None:
+            return log_prior, log_p
+        return self._log_q(u), log_p
+
+    def _log_q(self, u: Tensor) -> Tensor:
+        if self.joint is not None:
+            return self.joint(self.x, self.idx).log_prob(u)
+        values, log_det = self.space.unflatten(u)
+        with pyro.plate("particles", u.shape[0], dim=-2):
+            conditioned = poutine.condition(self.guide, data=values)
+            trace = poutine.trace(conditioned).get_trace(self.x, self.idx, self.num_data)
+        return log_density(trace, tuple(u.shape[:2])) + log_det
+
+    def with_grad(self, u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(log q, log p, d/du log f_beta) at u; NaN gradients where a density is not finite."""
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            log_q, log_p = self.parts(u)
+            log_f = (1.0 - beta) * log_q + beta * log_p
+            (grad,) = torch.autograd.grad(log_f.sum(), u)
+        return log_q.detach(), log_p.detach(), grad
+
+
+def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Settings,
+            exact: Tensor | None, bar) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of rows: (log weights [num_chains, B], acceptance [B], step size [B])."""
+    chains = settings.num_chains + settings.pilot_chains
+    noise = _Noise(chunk, settings.seed, chains, target.x)
+    u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape).clone()
+    rows = u.shape[1]
+    eps = u.new_full((rows,), settings.step_size)
+    log_w = u.new_zeros(chains, rows)
+    accept_sum = u.new_zeros(rows)
+    betas = betas.tolist()
+    steps = len(betas) - 1
+    order = range(1, steps + 1) if exact is None else range(steps, 0, -1)
+    for i, t in enumerate(order):
+        # Weight at the current state, then move it with the kernel of the next beta.
+        beta_here, beta_before = betas[t], betas[t - 1]
+        next_beta = (betas[t] if t < steps else None) if exact is None else (
+            betas[t - 1] if t > 1 else None)
+        log_q, log_p = _parts_nograd(target, u)
+        log_w += (beta_here - beta_before) * (log_p - log_q)
+        if next_beta is not None:
+            u, accept = _hmc(target, u, next_beta, eps, settings.leapfrog_steps, noise)
+            real = accept[: settings.num_chains].mean(0)
+            accept_sum += real
+            if settings.adapt:
+                pilot = accept[settings.num_chains :].mean(0)
+                eps = _adapted(eps, pilot, settings.target_accept)
+        bar.update()
+        if settings.progress and i % 25 == 0:
+            bar.set_postfix(beta=f"{beta_here:.3f}",
+                            accept=f"{float(accept_sum.mean()) / max(1, i + 1):.2f}",
+                            refresh=False)
+    acceptance = accept_sum / max(1, steps - 1)
+    return log_w[: settings.num_chains], acceptance, eps
+
+
+def _parts_nograd(target: _Target, u: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        return target.parts(u)
+
+
+def _adapted(eps: Tensor, acceptance: Tensor, target_accept: float) -> Tensor:
+    return (eps * torch.exp(ADAPT_GAIN * (acceptance - target_accept))).clamp(*STEP_SIZE_RANGE)
+
+
+def _hmc(target: _Target, u: Tensor, beta: float, eps: Tensor, leapfrog_steps: int,
+         noise: _Noise) -> tuple[Tensor, Tensor]:
+    """One HMC transition at ``beta`` for every chain and row: (new u, acceptance prob)."""
+    step = eps[:, None]  # [B, 1] broadcasts over chains and dims
+    momentum = noise.normal(u.shape)
+    log_q, log_p, grad = target.with_grad(u, beta)
+    log_f0 = (1 - beta) * log_q + beta * log_p
+    h0 = -log_f0 + 0.5 * momentum.square().sum(-1)
+    position, p = u, momentum + 0.5 * step * grad
+    for i in range(leapfrog_steps):
+        position = position + step * p
+        log_q, log_p, grad = target.with_grad(position, beta)
+        p = p + (step if i < leapfrog_steps - 1 else 0.5 * step) * grad
+    log_f1 = (1 - beta) * log_q + beta * log_p
+    h1 = -log_f1 + 0.5 * p.square().sum(-1)
+    accept_prob = torch.exp(torch.clamp(h0 - h1, max=0.0)).nan_to_num(0.0)
+    accepted = noise.uniform(accept_prob.shape) < accept_prob
+    return torch.where(accepted[..., None], position, u), accept_prob
+
+
+class _Noise:
+    """Momenta and uniforms drawn block by block from generators seeded by (seed, block),
+    so a row's chains do not depend on which other rows share its chunk."""
+
+    def __init__(self, chunk: list[Block], seed: int, chains: int, like: Tensor):
+        self.chunk, self.seed, self.chains = chunk, seed, chains
+        self.generators = [block_generator(seed, b.number, 1, device=like.device)
+                           for b in chunk]
+        self.options = {"device": like.device, "dtype": like.dtype}
+
+    def initial(self, target: _Target) -> Tensor:
+        """Initial draws, block by block under the global generator seeded per block."""
+        width = len(self.chunk[0].rows)
+        pieces = []
+        for i, block in enumerate(self.chunk):
+            seed_torch(self.seed, block.number, 0)
+            sub = _Target(target.model, target.guide, target.space,
+                          target.x[i * width : (i + 1) * width],
+                          target.idx[i * width : (i + 1) * width], target.num_data)
+            pieces.append(sub.initial(self.chains))
+        return torch.cat(pieces, 1)
+
+    def normal(self, shape) -> Tensor:
+        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
+        return torch.cat([torch.randn(per_block, generator=g, **self.options)
+                          for g in self.generators], 1)
+
+    def uniform(self, shape) -> Tensor:
+        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
+        return torch.cat([torch.rand(per_block, generator=g, **self.options)
+                          for g in self.generators], 1)

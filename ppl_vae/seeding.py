@@ -1,0 +1,130 @@
+"""Random draws that depend only on (seed, datapoint index): blocks of rows, seeded apart.
+
+A seeded evaluation must give every datapoint the same numbers however the work is cut:
+whatever the chunk size, in one call or two (the second with its rows offset by ``idx``),
+in one process or several. Pyro's sample sites draw from torch's global generator, in
+the order and shapes of each call, so the library fixes those instead: rows are grouped
+into blocks of ``ROW_BLOCK`` consecutive dataset indices, each block is run as one
+padded batch of exactly ``ROW_BLOCK`` rows (row ``i`` in slot ``i % ROW_BLOCK``), and
+the generator is reseeded from (seed, block, counter) before every such run. A row's
+draws then depend only on its index, the seed and the counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyro.util
+import torch
+from torch import Tensor
+
+ROW_BLOCK = 16
+_MASK = (1 << 64) - 1
+
+
+def check_seed(seed, name: str = "seed") -> int | None:
+    """``seed`` as an int in [0, 2**63), None passed through, or a ValueError."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer or None, got {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def base_seed(seed: int | None) -> int:
+    """``seed``, or a fresh one drawn from torch's generator when it is None."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+def unit_seed(seed: int, *counters: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and counters (SplitMix64 steps)."""
+    state = seed & _MASK
+    for counter in counters:
+        state = _splitmix(state ^ ((counter + 0x9E3779B97F4A7C15) & _MASK))
+    return state >> 1
+
+
+def _splitmix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def seed_torch(seed: int, *counters: int) -> None:
+    """Reseed torch's global generator(s) for one unit of work."""
+    torch.manual_seed(unit_seed(seed, *counters))
+
+
+def generator(seed: int, *counters: int, device=None) -> torch.Generator:
+    """A private generator on ``device`` for one unit of work."""
+    g = torch.Generator(device=device or "cpu")
+    g.manual_seed(unit_seed(seed, *counters))
+    return g
+
+
+@dataclass(frozen=True)
+class Block:
+    """One padded batch of ``ROW_BLOCK`` rows of a call.
+
+    ``number`` is the block's index in the dataset (dataset index // ROW_BLOCK);
+    ``rows`` the positions in the call of the ``ROW_BLOCK`` slots (fillers repeat a real
+    row); ``real`` marks the slots that hold their own row; ``positions`` the call
+    positions of the real slots, in slot order.
+    """
+
+    number: int
+    rows: Tensor
+    real: Tensor
+    positions: Tensor
+
+
+def blocks(idx: Tensor) -> Iterator[Block]:
+    """The padded blocks covering every row of a call with dataset indices ``idx``.
+
+    A dataset index that appears twice in one call goes to a second batch of the same
+    block, so both copies get the same draws.
+    """
+    idx = idx.cpu()
+    order = torch.argsort(idx, stable=True)
+    block_of = idx[order] // ROW_BLOCK
+    numbers, counts = torch.unique_consecutive(block_of, return_counts=True)
+    start = 0
+    for number, count in zip(numbers.tolist(), counts.tolist(), strict=True):
+        members = order[start : start + count]
+        start += count
+        yield from _layers(number, members, idx[members] % ROW_BLOCK)
+
+
+def _layers(number: int, members: Tensor, slots: Tensor) -> Iterator[Block]:
+    remaining_members, remaining_slots = members, slots
+    while len(remaining_members):
+        taken = torch.zeros(ROW_BLOCK, dtype=torch.bool)
+        keep = torch.zeros(len(remaining_members), dtype=torch.bool)
+        for i, slot in enumerate(remaining_slots.tolist()):
+            if not taken[slot]:
+                taken[slot], keep[i] = True, True
+        rows = torch.full((ROW_BLOCK,), int(remaining_members[keep][0]))
+        rows[remaining_slots[keep]] = remaining_members[keep]
+        yield Block(number, rows, taken, rows[taken])
+        remaining_members, remaining_slots = remaining_members[~keep], remaining_slots[~keep]
+
+
+@contextlib.contextmanager
+def caller_rng_kept(keep: bool = True):
+    """Leave the caller's random state as it was (a seeded call must not reseed it)."""
+    if not keep:
+        yield
+        return
+    state = pyro.util.get_rng_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
