@@ -19,7 +19,8 @@ Everything runs in the unconstrained space of the model's latents (``LatentSpace
 every latent site in the ``"data"`` plate, any name, event shape or support, with the
 log-Jacobian of ``biject_to(support)`` in the density. Densities and their gradients
 come from traces of the model itself (and of the guide, when it is the initial
-distribution). Chains x datapoints are one vectorized state; rows go in chunks.
+distribution). Chains x datapoints are one vectorized state; rows go in chunks, and
+under torch.distributed the chunks are shared out over the processes.
 
 Step sizes. A chain whose step size is steered by its own acceptances is no longer a
 fixed sequence of f_t-invariant kernels, and its weight loses its unbiasedness (we
@@ -48,6 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.densities import log_density, log_joint
+from ppl_vae.distributed import gathered, my_share
 from ppl_vae.estimators import check_guide, check_rows, check_structure
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
@@ -369,9 +371,10 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
     total = settings.num_chains + settings.pilot_chains
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (total * max(x.shape[1], space.dim)))
     n = len(x)
-    log_w = x.new_empty(settings.num_chains, n)
-    acceptance, step_size = x.new_empty(n), x.new_empty(n)
-    chunks = list(_chunks(list(blocks(idx)), rows_per_chunk))
+    log_w = x.new_zeros(settings.num_chains, n)
+    acceptance, step_size = x.new_zeros(n), x.new_zeros(n)
+    mine = my_share(list(blocks(idx)))
+    chunks = list(_chunks(mine, rows_per_chunk)) if mine else []
     bar = tqdm(total=len(chunks) * (len(betas) - 1), disable=not settings.progress,
                desc="AIS" if reverse_from is None else "reverse AIS", unit="step")
     with caller_rng_kept(), pyro.validation_enabled(False):
@@ -385,6 +388,11 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
             log_w[:, positions] = out[0][:, real]
             acceptance[positions], step_size[positions] = out[1][real], out[2][real]
     bar.close()
+    owned = torch.zeros(n, dtype=torch.bool)
+    for block in mine:
+        owned[block.positions] = True
+    log_w = gathered(log_w, owned, dim=1)
+    acceptance, step_size = gathered(acceptance, owned, 0), gathered(step_size, owned, 0)
     if reverse_from is not None:
         log_w = -log_w  # the reverse weights estimate 1 / p(x)
     return _result(log_w, acceptance, step_size, len(betas) - 1, time.perf_counter() - start,

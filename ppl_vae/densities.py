@@ -31,30 +31,29 @@ def log_density(trace, shape: tuple[int, int], observed: bool | None = None) -> 
     all. Values outside a site's support score -inf.
     """
     total = torch.zeros(shape)
+    outside = torch.zeros(shape, dtype=torch.bool)
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         if observed is not None and site["is_observed"] != observed:
             continue
-        fn, value = site["fn"], site["value"]
-        log_prob = fn.log_prob(value)
+        log_prob = site["fn"].log_prob(site["value"])
         if not site["is_observed"]:
-            log_prob = _outside_support_is_impossible(fn, value, log_prob)
+            outside = outside.to(log_prob.device) | ~_inside_support(site["fn"], site["value"])
         if site["mask"] is not None:
             log_prob = log_prob.masked_fill(~site["mask"], 0.0)
         total = total.to(log_prob) + log_prob
-    return total.expand(shape)
+    # After the sum: a likelihood evaluated at an impossible latent may be NaN.
+    return total.expand(shape).masked_fill(outside.expand(shape), -torch.inf)
 
 
-def _outside_support_is_impossible(fn, value: Tensor, log_prob: Tensor) -> Tensor:
-    support = fn.support
-    base = support
+def _inside_support(fn, value: Tensor) -> Tensor:
+    base = fn.support
     while isinstance(base, constraints.independent):
         base = base.base_constraint
     if base in _ALL_REALS:
-        return log_prob
-    inside = support.check(value)
-    return log_prob.masked_fill(~inside.expand_as(log_prob), -torch.inf)
+        return torch.tensor(True)
+    return fn.support.check(value)
 
 
 def log_joint(model, space: LatentSpace, x: Tensor, idx: Tensor, num_data: int,

@@ -15,7 +15,9 @@ guide. A proposal draw outside a latent's support (a Normal guide on a positive 
 scores log w = -inf: it gets weight zero, which keeps log p(x) a valid estimate (the
 weights still average to p(x)), and makes the ELBO -inf, its true value for such a guide.
 
-Draws depend only on (seed, datapoint index): see :mod:`ppl_vae.seeding`.
+Draws depend only on (seed, datapoint index): see :mod:`ppl_vae.seeding`. Under
+torch.distributed, rows are sharded over the processes and every process gets the whole
+result (:mod:`ppl_vae.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae.densities import log_density
+from ppl_vae.distributed import gathered, my_share
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.seeding import base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
@@ -85,10 +88,10 @@ def log_weights(
         -inf where a draw fell outside a latent's support.
     """
     job = _Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed)
-    out = job.x.new_empty(job.num_samples, len(job.x))
+    out = job.x.new_zeros(job.num_samples, len(job.x))
     for positions, samples, lw in job.units():
         out[samples, positions] = lw
-    return out
+    return gathered(out, job.mine(), dim=1)
 
 
 @module_local
@@ -103,7 +106,7 @@ def log_marginal(model, guide, x, num_samples: int = 1000, **kwargs) -> Tensor:
     running = torch.full((len(job.x),), -torch.inf, dtype=job.x.dtype, device=job.x.device)
     for positions, _, lw in job.units():
         running[positions] = torch.logaddexp(running[positions], torch.logsumexp(lw, 0))
-    return running - math.log(job.num_samples)
+    return gathered(running - math.log(job.num_samples), job.mine(), dim=0)
 
 
 @module_local
@@ -116,7 +119,7 @@ def elbo(model, guide, x, num_samples: int = 100, **kwargs) -> Tensor:
     total = torch.zeros(len(job.x), dtype=job.x.dtype, device=job.x.device)
     for positions, _, lw in job.units():
         total[positions] += lw.sum(0)
-    return total / job.num_samples
+    return gathered(total / job.num_samples, job.mine(), dim=0)
 
 
 @dataclass(frozen=True)
@@ -235,13 +238,24 @@ class _Job:
             seed = base_seed(seed)
         return cls(model, guide, x, idx, num_data, num_samples, proposal, seed)
 
+    def blocks(self) -> list:
+        """This process's blocks of rows (all of them without torch.distributed)."""
+        return my_share(list(blocks(self.idx)))
+
+    def mine(self) -> Tensor:
+        """Which rows this process computes, BoolTensor of shape (N,)."""
+        mask = torch.zeros(len(self.x), dtype=torch.bool)
+        for block in self.blocks():
+            mask[block.positions] = True
+        return mask
+
     def units(self) -> Iterator[tuple[Tensor, slice, Tensor]]:
         """(row positions, sample slice, log weights [S, rows]) for every seeded unit.
 
         The caller's random state is restored afterwards.
         """
         with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
-            for block in blocks(self.idx):
+            for block in self.blocks():
                 rows = block.rows.to(self.x.device)
                 positions = block.positions.to(self.x.device)
                 xb, ib = self.x[rows], self.idx[rows]

@@ -1,0 +1,59 @@
+"""Evaluation across processes: shard row blocks over ranks, then gather every row.
+
+When a ``torch.distributed`` process group is initialized with more than one process,
+the estimators, AIS and BDMC give each rank every ``world_size``-th block of rows (the
+same blocks that fix the random draws, :mod:`ppl_vae.seeding`), and combine the results
+with an all-reduce in which every rank contributes only its own rows (others are 0, and
+x + 0 == x exactly). Every rank gets the full result, in the original row order, equal
+to a one-process call with the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    return rank_and_size()[1] > 1
+
+
+def my_share(items: list) -> list:
+    """This rank's items: every world_size-th, starting at its rank."""
+    rank, size = rank_and_size()
+    return items[rank::size]
+
+
+def gathered(values: Tensor, mine: Tensor, dim: int = -1) -> Tensor:
+    """``values`` with the entries of other ranks filled in (an exact sum of disjoint parts).
+
+    Parameters
+    ----------
+    values : Tensor
+        Valid at the positions ``mine`` along ``dim``; anything elsewhere.
+    mine : BoolTensor of shape (values.shape[dim],)
+    """
+    if not is_distributed():
+        return values
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    part = values.masked_fill(~mine.reshape(shape).to(values.device), 0.0).contiguous()
+    backend_device = _backend_device()
+    summed = part.to(backend_device)
+    dist.all_reduce(summed)
+    return summed.to(values.device)
+
+
+def _backend_device() -> torch.device:
+    """gloo reduces CPU tensors, nccl CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
