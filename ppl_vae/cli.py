@@ -3,6 +3,11 @@
     ppl-vae gaps                       # the main job: a VAE on the embedded digits
     ppl-vae fit --dataset binarized_mnist --data-root ../shared/data --epochs 10
     ppl-vae gaps --checkpoint runs/fit/checkpoint.pt
+    ppl-vae fit --checkpoint-every 500 --out runs/long   # interrupted? then:
+    ppl-vae fit --resume runs/long
+
+Every argument and the output folder are checked before any work; expected failures
+(bad input, a missing or damaged file) are one line on stderr and exit status 2.
 
 This is the one place in the library that names particular models and guides.
 """
@@ -11,21 +16,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 import ppl_vae
+from ppl_vae import checkpoint
+from ppl_vae.checkpoint import CheckpointError, atomic_save
+from ppl_vae.data import load_dataset
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
-from ppl_vae.data import load_dataset
+from ppl_vae.seeding import check_seed
+from ppl_vae.train import Interrupted
+from ppl_vae.validation import one_of, positive_int
 
 MODELS = ("vae", "ppca", "fa")
 GUIDES = ("mlp", "linear", "linear-full", "delta")
+LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
+DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit"}
+NUM_SAMPLES = 1000
+AIS_STEPS, AIS_CHAINS = 1000, 16
+# Keys every checkpoint of the command keeps (fit's training state sits beside them).
+CHECKPOINT_KEYS = ("config", "model", "guide")
 
 
 @dataclass(frozen=True)
@@ -63,22 +82,46 @@ def build_guide(cfg: RunConfig):
 
 
 def save_checkpoint(path: Path, model, guide, cfg: RunConfig) -> None:
-    """Model and guide ``state_dict``s plus the configuration, with ``torch.save``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"config": asdict(cfg), "model": model.state_dict(), "guide": guide.state_dict()}, path
-    )
+    """Model and guide ``state_dict``s plus the configuration, written atomically."""
+    atomic_save({"config": asdict(cfg), "model": model.state_dict(),
+                 "guide": guide.state_dict()}, path)
 
 
 def load_checkpoint(path: str | Path):
-    """``(model, guide, config)`` rebuilt from a checkpoint written by ``ppl-vae fit``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """``(model, guide, config)`` rebuilt from a checkpoint written by ``ppl-vae fit``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    CheckpointError
+        A truncated, corrupted or mismatched file.
+    """
+    state = checkpoint.load(path, required=CHECKPOINT_KEYS)
+    cfg = config_of(state, path)
+    return *rebuild(cfg, state, path), cfg
+
+
+def config_of(state: dict, path) -> RunConfig:
+    """The ``RunConfig`` saved in a checkpoint, or a CheckpointError."""
     raw = state["config"]
-    cfg = RunConfig(**{**raw, "hidden": tuple(raw["hidden"])})
+    names = {f.name for f in fields(RunConfig)}
+    if not isinstance(raw, dict) or not set(raw) <= names:
+        raise CheckpointError(f"{path} holds no configuration that ppl-vae can read")
+    try:
+        cfg = RunConfig(**{**raw, "hidden": tuple(raw.get("hidden", ()))})
+        check_config(cfg)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds a bad configuration: {error}") from error
+    return cfg
+
+
+def rebuild(cfg: RunConfig, state: dict, path):
+    """Model and guide of ``cfg`` with the checkpoint's parameters."""
     model, guide = build_model(cfg), build_guide(cfg)
-    model.load_state_dict(state["model"])
-    guide.load_state_dict(state["guide"])
-    return model, guide, cfg
+    checkpoint.load_state(model, state["model"], "model", path)
+    checkpoint.load_state(guide, state["guide"], "guide", path)
+    return model, guide
 
 
 def load_split(cfg: RunConfig, split: str, root, limit=None) -> torch.Tensor:
@@ -89,60 +132,172 @@ def load_split(cfg: RunConfig, split: str, root, limit=None) -> torch.Tensor:
                         seed=cfg.seed)
 
 
-def train(cfg: RunConfig, root, progress: bool = True):
-    """Build, fit and return ``(model, guide, cfg, seconds)`` for a configuration."""
+def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
+          checkpoint_every=None, resume=False):
+    """Build, fit and return ``(model, guide, cfg, seconds)`` for a configuration.
+
+    With ``checkpoint_path`` the whole training state (and ``cfg``, under ``"config"``)
+    is saved there every ``checkpoint_every`` steps, at the end and on SIGINT/SIGTERM;
+    ``resume`` continues from it.
+    """
     x = load_split(cfg, "train", root)
     cfg = RunConfig(**{**asdict(cfg), "data_dim": x.shape[1]})
     torch.manual_seed(cfg.seed)
     model, guide = build_model(cfg), build_guide(cfg)
+    extra = {"config": asdict(cfg)} if checkpoint_path is not None else None
     start = time.perf_counter()
     ppl_vae.fit(model, guide, x, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                seed=cfg.seed, progress=progress)
+                seed=cfg.seed, progress=progress, checkpoint=checkpoint_path,
+                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra)
     return model, guide, cfg, time.perf_counter() - start
 
 
+def check_config(cfg: RunConfig) -> None:
+    """Refuse a configuration that could not train, before any work."""
+    one_of(cfg.model, MODELS, "--model")
+    one_of(cfg.guide, GUIDES, "--guide")
+    one_of(cfg.likelihood, LIKELIHOODS, "--likelihood")
+    for name in ("latent_dim", "epochs", "batch_size"):
+        positive_int(getattr(cfg, name), _flag(name))
+    if not cfg.hidden:
+        raise ValueError("--hidden needs at least one layer width")
+    for width in cfg.hidden:
+        positive_int(width, "--hidden")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {cfg.lr!r}")
+    check_seed(cfg.seed, "--seed")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A command line resolved and checked: what to run, from where, into where."""
+
+    cfg: RunConfig
+    out: Path
+    state: dict | None = None  # a loaded checkpoint (--checkpoint or --resume)
+    source: Path | None = None  # its file
+
+
+def plan(args) -> _Plan:
+    """Resolve the configuration and check every argument and the output folder."""
+    _check_eval_flags(args)
+    resume = getattr(args, "resume", None)
+    if resume is not None and args.checkpoint is not None:
+        raise ValueError("give --resume DIR or --checkpoint FILE, not both")
+    if resume is not None and args.out is not None and Path(args.out) != Path(resume):
+        raise ValueError(f"--out {args.out} conflicts with --resume {resume}: a resumed "
+                         "run writes into its own folder")
+    source = Path(resume) / "checkpoint.pt" if resume is not None else args.checkpoint
+    if source is None:
+        cfg, state = _config_from(args), None
+        check_config(cfg)
+    else:
+        state = checkpoint.load(source, required=CHECKPOINT_KEYS)
+        cfg = config_of(state, source)
+        _refuse_conflicts(args, cfg, source)
+    if cfg.model != "vae" and args.likelihood is not None:
+        raise ValueError(f"--likelihood applies to --model vae only, not --model {cfg.model}")
+    if args.command == "gaps" and cfg.guide == "delta":
+        raise ValueError("gaps needs a Gaussian encoder to fit local guides of its family; "
+                         "--guide delta has none (use mlp, linear or linear-full)")
+    out = Path(resume if resume is not None else args.out or DEFAULT_OUT[args.command])
+    check_writable(out)
+    return _Plan(cfg, out, state, None if source is None else Path(source))
+
+
+def _check_eval_flags(args) -> None:
+    for name in ("num_samples", "eval_limit", "checkpoint_every", "ais_steps", "ais_chains"):
+        value = getattr(args, name, None)
+        if value is not None:
+            positive_int(value, _flag(name))
+
+
+def _refuse_conflicts(args, cfg: RunConfig, source) -> None:
+    """Flags given beside a checkpoint must agree with its configuration."""
+    for name, value in _config_flags(args).items():
+        saved = getattr(cfg, name)
+        if value != saved:
+            raise ValueError(f"{_flag(name)} {_shown(value)} conflicts with the checkpoint "
+                             f"{source}, which has {_flag(name)} {_shown(saved)}")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _config_flags(args) -> dict:
+    """The configuration flags the user gave (their parser default is None)."""
+    names = [f.name for f in fields(RunConfig) if f.name != "data_dim"]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if "hidden" in given:
+        given["hidden"] = tuple(given["hidden"])
+    return given
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a scratch file in it, or a one-line ValueError."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    ancestor = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out} lies under {ancestor}, which is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from None
+
+
 def _config_from(args) -> RunConfig:
-    return RunConfig(model=args.model, guide=args.guide, dataset=args.dataset,
-                     latent_dim=args.latent_dim, hidden=tuple(args.hidden),
-                     likelihood=args.likelihood, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-
-
-def _trained(args):
-    if args.checkpoint:
-        model, guide, cfg = load_checkpoint(args.checkpoint)
-        return model, guide, cfg, 0.0
-    return train(_config_from(args), args.data_root, progress=not args.quiet)
+    return RunConfig(**_config_flags(args))
 
 
 def cmd_fit(args) -> dict:
-    model, guide, cfg, seconds = _trained(args)
-    out = Path(args.out)
-    save_checkpoint(out / "checkpoint.pt", model, guide, cfg)
+    p = plan(args)
+    resume = getattr(args, "resume", None) is not None
+    if p.state is not None and not resume:  # evaluate a saved model
+        model, guide = rebuild(p.cfg, p.state, p.source)
+        cfg, seconds = p.cfg, 0.0
+        save_checkpoint(p.out / "checkpoint.pt", model, guide, cfg)
+    else:
+        model, guide, cfg, seconds = train(
+            p.cfg, args.data_root, progress=not args.quiet,
+            checkpoint_path=p.out / "checkpoint.pt", checkpoint_every=args.checkpoint_every,
+            resume=resume)
+    num_samples = args.num_samples or NUM_SAMPLES
     x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
-    d = ppl_vae.diagnostics(model, guide, x, args.num_samples, seed=cfg.seed)
+    d = ppl_vae.diagnostics(model, guide, x, num_samples, seed=cfg.seed)
     summary = {"train_seconds": round(seconds, 2), "test_points": len(x), **d.summary()}
     print(f"test ELBO      {summary['elbo']:.3f} +- {summary['elbo_se']:.3f} nats")
     print(f"test log p(x)  {summary['log_marginal']:.3f} +- {summary['log_marginal_se']:.3f} "
-          f"nats (K={args.num_samples}, {len(x)} points)")
-    print(f"checkpoint     {out / 'checkpoint.pt'}")
-    (out / "fit.json").write_text(json.dumps(summary, indent=2))
+          f"nats (K={num_samples}, {len(x)} points)")
+    print(f"checkpoint     {p.out / 'checkpoint.pt'}")
+    (p.out / "fit.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def cmd_gaps(args) -> dict:
     start = time.perf_counter()
-    model, guide, cfg, seconds = _trained(args)
+    p = plan(args)
+    if p.state is not None:
+        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source), p.cfg, 0.0
+    else:
+        model, guide, cfg, seconds = train(p.cfg, args.data_root, progress=not args.quiet)
     x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
-    report = ppl_vae.gaps(model, guide, x, local=args.local, num_samples=args.num_samples,
-                          seed=cfg.seed, progress=not args.quiet)
+    report = ppl_vae.gaps(model, guide, x, local=args.local,
+                          num_samples=args.num_samples or NUM_SAMPLES, seed=cfg.seed,
+                          log_px=args.log_px, ais_steps=args.ais_steps or AIS_STEPS,
+                          ais_chains=args.ais_chains or AIS_CHAINS, progress=not args.quiet)
     print(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gaps.json").write_text(report.to_json())
-    _save_figure(report, out / "gaps.png")
+    (p.out / "gaps.json").write_text(report.to_json())
+    _save_figure(report, p.out / "gaps.png")
     total = time.perf_counter() - start
-    print(f"trained in {seconds:.1f} s; {total:.1f} s in all; wrote {out}/gaps.json, gaps.png")
+    print(f"trained in {seconds:.1f} s; {total:.1f} s in all; wrote {p.out}/gaps.json, gaps.png")
     return report.to_dict()
 
 
@@ -155,56 +310,99 @@ def _save_figure(report, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser. Configuration flags default to None, so a flag the user gave can be
+    told from one left out (and checked against a loaded checkpoint's configuration);
+    ``RunConfig`` holds the defaults."""
     parser = argparse.ArgumentParser(prog="ppl-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = RunConfig()
-    for name, help_text, out in [
-        ("gaps", "train (or load) a model and guide, then measure the gaps on test data",
-         "runs/gaps"),
-        ("fit", "train a model and guide, save a checkpoint, print ELBO and log p(x)",
-         "runs/fit"),
+    for name, help_text in [
+        ("gaps", "train (or load) a model and guide, then measure the gaps on test data"),
+        ("fit", "train a model and guide, save a checkpoint, print ELBO and log p(x)"),
     ]:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--model", choices=MODELS, default=defaults.model)
-        p.add_argument("--guide", choices=GUIDES, default=defaults.guide)
-        p.add_argument("--dataset", default=defaults.dataset,
-                       help="digits (embedded), mnist, fashion_mnist, binarized_mnist")
+        p.add_argument("--model", choices=MODELS, help=f"default {defaults.model}")
+        p.add_argument("--guide", choices=GUIDES, help=f"default {defaults.guide}")
+        p.add_argument("--dataset", help="digits (embedded, the default), mnist, "
+                       "fashion_mnist, binarized_mnist")
         p.add_argument("--data-root", default=None,
                        help="folder with the dataset files (else $PPL_VAE_DATA, then the cache)")
-        p.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
-        p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
-        p.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
-                       default=defaults.likelihood)
-        p.add_argument("--epochs", type=int, default=defaults.epochs)
-        p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-        p.add_argument("--lr", type=float, default=defaults.lr)
-        p.add_argument("--seed", type=int, default=defaults.seed)
-        p.add_argument("--num-samples", type=int, default=1000,
-                       help="importance samples per test point for log p(x)")
+        p.add_argument("--latent-dim", type=int, help=f"default {defaults.latent_dim}")
+        p.add_argument("--hidden", type=int, nargs="+",
+                       help=f"default {_shown(defaults.hidden)}")
+        p.add_argument("--likelihood", choices=LIKELIHOODS,
+                       help=f"--model vae only; default {defaults.likelihood}")
+        p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+        p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+        p.add_argument("--lr", type=float, help=f"default {defaults.lr}")
+        p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+        p.add_argument("--num-samples", type=int, default=None,
+                       help=f"importance samples per test point (default {NUM_SAMPLES})")
         p.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on a fixed random subset of this many test points")
         p.add_argument("--checkpoint", default=None, help="start from a saved checkpoint")
-        p.add_argument("--out", default=out, help="output folder")
+        p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT[name]})")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "gaps":
-            p.add_argument("--local", choices=("diag", "full"), default=None,
+            p.add_argument("--local", choices=("diag", "full", "flow"), default=None,
                            help="family of the per-datapoint guides (default: the encoder's)")
+            p.add_argument("--log-px", choices=("auto", "exact", "is", "ais"), default="auto",
+                           help="how log p(x) is computed (default auto: exact where a "
+                           "closed form exists, else importance sampling)")
+            p.add_argument("--ais-steps", type=int, default=None,
+                           help=f"AIS distributions for --log-px ais (default {AIS_STEPS})")
+            p.add_argument("--ais-chains", type=int, default=None,
+                           help=f"AIS chains per point for --log-px ais (default {AIS_CHAINS})")
+        else:
+            p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                           help="also write --out/checkpoint.pt every STEPS steps (it is "
+                           "always written at the end and on SIGINT/SIGTERM)")
+            p.add_argument("--resume", default=None, metavar="DIR",
+                           help="finish the run saved in DIR/checkpoint.pt, then evaluate")
     return parser
 
 
 def run(argv=None) -> dict:
     """Run a command line; returns its summary (what it also writes as JSON)."""
-    args = build_parser().parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args) -> dict:
     return {"gaps": cmd_gaps, "fit": cmd_fit}[args.command](args)
 
 
 def main(argv=None) -> None:
-    """Console-script entry point: bad input is reported in one line, exit status 2."""
+    """Console-script entry point.
+
+    Expected failures (bad input, missing or damaged files, an unwritable output
+    folder) are one line on stderr and exit status 2; an interruption by SIGINT or
+    SIGTERM says where the checkpoint is and exits 130 or 143; anything else keeps its
+    traceback.
+    """
+    args = build_parser().parse_args(argv)
     try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as error:
+        _dispatch(args)
+    except Interrupted as stop:
+        print(_interrupted_message(stop, args), file=sys.stderr)
+        raise SystemExit(128 + stop.signal) from None
+    except KeyboardInterrupt:
+        print("ppl-vae: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         print(f"ppl-vae: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _interrupted_message(stop: Interrupted, args) -> str:
+    name = signal.Signals(stop.signal).name
+    message = f"ppl-vae: interrupted by {name} after step {stop.step}"
+    if stop.checkpoint is None:
+        return f"{message}; nothing saved (ppl-vae fit keeps a resumable checkpoint)"
+    message += f"; checkpoint written to {stop.checkpoint}"
+    resume = f"ppl-vae fit --resume {stop.checkpoint.parent}"
+    if args.data_root is not None:
+        resume += f" --data-root {args.data_root}"
+    return f"{message}\nppl-vae: to continue: {resume}"
 
 
 if __name__ == "__main__":
