@@ -1,21 +1,23 @@
 """Variational families written as Pyro guides (``forward(x, idx=None, num_data=None)``).
 
-Importing this package switches Pyro to module-local parameters (see ``models``).
+Importing this package changes no Pyro setting (see ``ppl_vae.models``).
 """
 
-import pyro
-
-from ppl_vae.guides.amortized import DeltaEncoder, LinearEncoder, MLPEncoder
+from ppl_vae.guides.amortized import DeltaEncoder, FlowEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.guides.exact import ExactPosterior
-from ppl_vae.guides.local import LocalMVN, LocalNormal
-
-pyro.settings.set(module_local_params=True)
+from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.guides.local import LocalDiag, LocalFlow, LocalFull, LocalMVN, LocalNormal
 
 __all__ = [
     "LinearEncoder",
     "MLPEncoder",
     "DeltaEncoder",
+    "FlowEncoder",
     "ExactPosterior",
+    "LocalDiag",
+    "LocalFull",
+    "LocalFlow",
     "LocalNormal",
     "LocalMVN",
+    "LatentSpace",
 ]

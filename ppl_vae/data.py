@@ -29,6 +29,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ppl_vae.settings import module_local
 from ppl_vae.validation import one_of, positive_int
 
 __all__ = [
@@ -217,6 +218,7 @@ def dynamic_binarize(x: Tensor, generator: torch.Generator | None = None) -> Ten
     return torch.bernoulli(x, generator=generator)
 
 
+@module_local
 def sample_from_model(
     model: torch.nn.Module, num_data: int, *, seed: int = 0
 ) -> tuple[Tensor, dict[str, Tensor]]:

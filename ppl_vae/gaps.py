@@ -40,6 +40,7 @@ from ppl_vae.guides.local import (
     family_of,
 )
 from ppl_vae.seeding import caller_rng_kept, seed_torch
+from ppl_vae.settings import module_local
 from ppl_vae.train import FitResult, fit
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -65,6 +66,7 @@ LR_DECAY = 3.0
 LR_DECAYS = 4
 
 
+@module_local
 def fit_local(
     model,
     x,
@@ -116,8 +118,8 @@ def fit_local(
         marginal variances into ``"diag"``. Any other guide (a flow encoder, a guide of
         several sites or of constrained ones, a user's own) starts row n at the mean
         and covariance of ``MOMENT_SAMPLES`` of its draws of u for x_n. By default,
-        every row starts at the prior's moments, from as many draws of the model's
-        latents on one datapoint.
+        every row starts at the prior's moments over u, from ``PRIOR_SAMPLES`` draws
+        of the model's latents on one datapoint.
     steps : int
         Most optimizer steps.
     lr : float
@@ -292,6 +294,7 @@ class GapReport:
         return "\n".join(lines)
 
 
+@module_local
 def gaps(
     model,
     guide,
@@ -456,6 +459,7 @@ class RefinementCurve:
         return plot_refinement(self, ax=ax)
 
 
+@module_local
 def refine(
     model,
     guide,
@@ -559,8 +563,10 @@ def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_s
     return guide, result
 
 
-# Draws of a guide (or of the prior) whose mean and covariance start a local guide.
+# Draws of a guide whose mean and covariance start a local guide; the prior, the same
+# for every datapoint, is drawn on one datapoint only, so it can afford many more.
 MOMENT_SAMPLES = 64
+PRIOR_SAMPLES = 4096
 # Rows per vectorized moment draw, which bounds its memory.
 MOMENT_ROWS = 256
 
@@ -582,7 +588,7 @@ def _initial_local(model, x, family, init_from, *, seed=None):
             seed_torch(seed, MOMENT_SAMPLES)
         if init_from is None:
             # The prior does not depend on x_n: one datapoint's draws serve every row.
-            loc, tril = _moments(model, x[:1], space)
+            loc, tril = _moments(model, x[:1], space, PRIOR_SAMPLES)
             loc, tril = loc.expand(len(x), -1), tril.expand(len(x), -1, -1)
         else:
             loc, tril = _moments(init_from, x, space)
@@ -607,7 +613,8 @@ def _copyable_gaussian(guide, x, space: LatentSpace):
     return q
 
 
-def _moments(fn, x, space: LatentSpace) -> tuple[Tensor, Tensor]:
+def _moments(fn, x, space: LatentSpace, num_samples: int = MOMENT_SAMPLES
+             ) -> tuple[Tensor, Tensor]:
     """Mean (N, d) and Cholesky factor (N, d, d) of ``fn``'s draws of u, row by row.
 
     ``fn`` is a guide, or the model (whose latents are then drawn from the prior).
@@ -616,7 +623,7 @@ def _moments(fn, x, space: LatentSpace) -> tuple[Tensor, Tensor]:
     locs, trils = [], []
     with torch.no_grad(), pyro.validation_enabled(False):
         for rows in torch.split(idx, MOMENT_ROWS):
-            with pyro.plate("particles", MOMENT_SAMPLES, dim=-2):
+            with pyro.plate("particles", num_samples, dim=-2):
                 trace = poutine.trace(fn).get_trace(x[rows], rows, len(x))
             missing = [name for name in space.names if name not in trace.nodes]
             if missing:
@@ -625,7 +632,7 @@ def _moments(fn, x, space: LatentSpace) -> tuple[Tensor, Tensor]:
                     "it cannot start a local guide"
                 )
             u = space.flatten({name: trace.nodes[name]["value"] for name in space.names})
-            loc, tril = _gaussian_fit(u.expand(MOMENT_SAMPLES, len(rows), space.dim))
+            loc, tril = _gaussian_fit(u.expand(num_samples, len(rows), space.dim))
             locs.append(loc)
             trils.append(tril)
     return torch.cat(locs), torch.cat(trils)

@@ -5,7 +5,7 @@ import torch
 from torch.distributions import kl_divergence
 
 import ppl_vae
-from ppl_vae.guides import DeltaEncoder, LinearEncoder, LocalMVN, LocalNormal
+from ppl_vae.guides import DeltaEncoder, LinearEncoder, LocalFlow, LocalFull, LocalMVN, LocalNormal
 from ppl_vae.models import PPCA
 from tests.helpers import as_mvn, exact_posterior
 
@@ -23,7 +23,17 @@ def mean_field_gap(precision: torch.Tensor) -> float:
 # ---------------------------------------------------------------- structure
 
 
-@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+ALL = [LocalNormal, LocalMVN, LocalFlow]
+
+
+def gaussian_part(guide, x=None, idx=None):
+    """The guide's Gaussian: q itself, or the flow's at its identity layers."""
+    if isinstance(guide, LocalFlow):
+        return guide.base_distribution(x, idx)
+    return guide.joint_distribution(x, idx)
+
+
+@pytest.mark.parametrize("cls", ALL)
 def test_parameters_are_full_size_and_rows_are_read_by_idx(cls):
     guide = cls(7, 3).double()
     with torch.no_grad():
@@ -32,23 +42,25 @@ def test_parameters_are_full_size_and_rows_are_read_by_idx(cls):
         assert p.shape[0] == 7, name
     idx = torch.tensor([5, 1])
     x = torch.zeros(2, 4, dtype=torch.float64)
-    torch.testing.assert_close(guide.distribution(x, idx).mean, guide.loc[idx].detach())
-    z = guide(x, idx, num_data=7)
+    torch.testing.assert_close(gaussian_part(guide, x, idx).mean, guide.loc[idx].detach())
+    z = guide(x, idx, num_data=7)["z"]
     assert z.shape == (2, 3)
 
 
-@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+@pytest.mark.parametrize("cls", ALL)
 def test_broadcasts_under_a_particles_plate(cls):
     guide = cls(6, 3).double()
     x, idx = torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 2, 3, 5])
     with pyro.plate("particles", 5, dim=-2):
         trace = pyro.poutine.trace(guide).get_trace(x, idx, 6)
     trace.compute_log_prob()
+    assert trace.nodes["_local_latent"]["infer"]["is_auxiliary"]
+    assert trace.nodes["_local_latent"]["value"].shape == (5, 4, 3)
     assert trace.nodes["z"]["value"].shape == (5, 4, 3)
     assert trace.nodes["z"]["log_prob"].shape == (5, 4)
 
 
-@pytest.mark.parametrize("cls", [LocalNormal, LocalMVN])
+@pytest.mark.parametrize("cls", ALL)
 def test_without_idx_x_must_be_the_whole_set(cls):
     guide = cls(6, 2)
     with pytest.raises(ValueError, match="all 6 rows"):
@@ -56,11 +68,50 @@ def test_without_idx_x_must_be_the_whole_set(cls):
 
 
 def test_default_start_is_the_prior():
-    for guide in (LocalNormal(5, 3).double(), LocalMVN(5, 3).double()):
-        q = as_mvn(guide.distribution())
-        torch.testing.assert_close(q.loc, torch.zeros(5, 3, dtype=torch.float64))
-        eye = torch.eye(3, dtype=torch.float64).expand(5, 3, 3)
-        torch.testing.assert_close(q.covariance_matrix, eye)
+    u = torch.randn(7, 5, 3, dtype=torch.float64)
+    prior = torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(-1)
+    for cls in ALL:
+        with torch.no_grad():
+            torch.testing.assert_close(cls(5, 3).double().joint_distribution().log_prob(u), prior)
+
+
+def test_flow_scores_any_point_by_the_change_of_variables():
+    # log q(u) = log N(eps) - log |det du/deps| at points q did not draw.
+    torch.manual_seed(0)
+    guide = LocalFlow(4, 3, num_layers=3).double()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.normal_(0, 0.5)
+    idx = torch.tensor([2])
+    transforms = guide.joint_distribution(None, idx).transforms
+
+    def forward(eps):
+        for t in transforms:
+            eps = t(eps)
+        return eps
+
+    eps = torch.randn(3, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda e: forward(e[None])[0], eps)
+    u = forward(eps[None]).detach().clone()
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum() - torch.linalg.slogdet(
+        jacobian).logabsdet
+    fresh = guide.joint_distribution(None, idx)  # no cached inverse
+    torch.testing.assert_close(fresh.log_prob(u)[0], expected)
+    # and its draws are differentiable in the parameters
+    fresh.rsample((2,)).sum().backward()
+    assert guide.couplings[0].w_out.grad.abs().sum() > 0
+
+
+def test_flow_starts_as_a_copy_of_a_gaussian():
+    torch.manual_seed(1)
+    tril = torch.randn(6, 3, 3, dtype=torch.float64).tril()
+    tril.diagonal(dim1=-2, dim2=-1).abs_().add_(0.1)
+    q = torch.distributions.MultivariateNormal(torch.randn(6, 3, dtype=torch.float64),
+                                               scale_tril=tril)
+    guide = LocalFlow.from_distribution(q)
+    u = torch.randn(4, 6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(guide.joint_distribution().log_prob(u), q.log_prob(u))
 
 
 def test_mvn_scale_tril_is_a_cholesky_factor_with_free_lower_part():
@@ -76,7 +127,10 @@ def test_mvn_scale_tril_is_a_cholesky_factor_with_free_lower_part():
     assert (guide.off_diag.grad != 0).all() and (guide.log_diag.grad != 0).all()
 
 
-@pytest.mark.parametrize("covariance, cls", [("diag", LocalNormal), ("full", LocalMVN)])
+@pytest.mark.parametrize(
+    "covariance, cls",
+    [("diag", LocalNormal), ("full", LocalMVN), ("diag", LocalFlow), ("full", LocalFlow)],
+)
 def test_from_encoder_starts_every_row_at_the_encoders_output(covariance, cls):
     torch.manual_seed(0)
     encoder = LinearEncoder(5, 3, covariance=covariance).double()
@@ -153,20 +207,21 @@ def test_local_mvn_reaches_the_exact_posterior(rotated):
     assert float(kl.max()) < 5 * OPTIMIZATION_SLACK
 
 
-def test_fit_local_leaves_the_model_bit_identical(ppca_truth):
+@pytest.mark.parametrize("family", ["full", "flow"])
+def test_fit_local_leaves_the_model_bit_identical(ppca_truth, family):
     model, x = ppca_truth
     model.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     encoder = LinearEncoder(10, 2).double()
     guide = ppl_vae.fit_local(
-        model, x[:200], "full", init_from=encoder, steps=30, lr=0.1, seed=0, progress=False
+        model, x[:200], family, init_from=encoder, steps=30, lr=0.1, seed=0, progress=False
     )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
-    assert isinstance(guide, LocalMVN)
+    assert isinstance(guide, LocalFlow if family == "flow" else LocalFull)
     assert guide.loc.shape == (200, 2) and guide.off_diag.shape == (200, 1)
     # ...while the guide did move away from its start at the encoder's output.
     assert not torch.equal(guide.loc, torch.zeros_like(guide.loc))

@@ -5,12 +5,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from ppl_vae.guides import ExactPosterior, LinearEncoder
-from ppl_vae.models import PPCA
 from pyro.nn import PyroModule
 
 import ppl_vae
 from ppl_vae.estimators import SAMPLE_BLOCK
+from ppl_vae.guides import ExactPosterior, LinearEncoder
+from ppl_vae.models import PPCA
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,7 @@ def test_vae_log_marginal_matches_a_hand_written_iwae():
     # The chunked, traced estimator against the same quantity written by hand (all K
     # samples at once): the two agree within their Monte Carlo standard errors.
     import torch.nn.functional as F
+
     from ppl_vae.guides import MLPEncoder
     from ppl_vae.models import VAE
 

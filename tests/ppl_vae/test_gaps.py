@@ -9,9 +9,9 @@ import torch
 from torch.distributions import kl_divergence
 
 import ppl_vae
+from ppl_vae.data import load_dataset
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, LocalNormal, MLPEncoder
 from ppl_vae.models import PPCA, VAE
-from ppl_vae.data import load_dataset
 from tests.helpers import as_mvn, exact_posterior
 
 matplotlib.use("Agg")
