@@ -8,10 +8,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
+from pyro.distributions.transforms import ConditionalAffineCoupling, Permute
+from pyro.nn import ConditionalDenseNN, PyroModule
 from torch import Tensor, nn
+from torch.distributions.utils import vec_to_tril_matrix
 
-from ppl_vae.models.blocks import MLP, data_plate, network, positive_dim
+from ppl_vae.models.blocks import ACTIVATIONS, MLP, data_plate, network, positive_dim
 
 COVARIANCES = ("diag", "full")
 
@@ -28,6 +30,11 @@ class LinearEncoder(PyroModule):
     covariance : {"diag", "full"}
         ``"diag"``: S diagonal with a learned scale per latent dimension (mean field);
         ``"full"``: a learned Cholesky factor of S shared by all datapoints.
+
+    Attributes
+    ----------
+    family : str
+        ``covariance``: the variational family, which ``gaps`` matches a local guide to.
     """
 
     def __init__(self, data_dim: int, latent_dim: int, *, covariance: str = "diag"):
@@ -37,6 +44,7 @@ class LinearEncoder(PyroModule):
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         self.covariance = covariance
+        self.family = covariance
         self.loc = nn.Linear(data_dim, latent_dim)
         # Zero weights start every datapoint at the prior, a safe place for SVI to leave.
         nn.init.zeros_(self.loc.weight)
@@ -83,10 +91,13 @@ SCALE_FLOOR = 1e-4
 
 
 class MLPEncoder(PyroModule):
-    """q(z | x) = N(mu(x), diag(sigma(x)^2)): the Gaussian MLP encoder of a VAE.
+    """q(z | x) = N(mu(x), L(x) L(x)^T): the Gaussian MLP encoder of a VAE.
 
-    One MLP maps x to 2k numbers, cut into the loc mu(x) and a raw scale;
-    sigma(x) = softplus(raw) + ``SCALE_FLOOR``. Amortized: ``idx`` is ignored.
+    One MLP maps x to the loc mu(x) and a raw Cholesky factor. ``"diag"``: L(x) is
+    diagonal, sigma(x) = softplus(raw) + ``SCALE_FLOOR`` (the usual mean-field encoder).
+    ``"full"``: L(x) is lower triangular with that diagonal and k(k-1)/2 free entries
+    below it, so q can follow a posterior whose latents are correlated. Amortized:
+    ``idx`` is ignored.
 
     Parameters
     ----------
@@ -98,6 +109,13 @@ class MLPEncoder(PyroModule):
         Widths of the hidden layers, from x towards z.
     activation : str
         Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
+    covariance : {"diag", "full"}
+        The shape of L(x), as above.
+
+    Attributes
+    ----------
+    family : str
+        ``covariance``: the variational family, which ``gaps`` matches a local guide to.
     """
 
     def __init__(
@@ -107,13 +125,28 @@ class MLPEncoder(PyroModule):
         *,
         hidden: Sequence[int] = (200, 200),
         activation: str = "tanh",
+        covariance: str = "diag",
     ):
         super().__init__()
         self.data_dim = positive_dim(data_dim, "data_dim")
         self.latent_dim = positive_dim(latent_dim, "latent_dim")
-        self.net = MLP(data_dim, latent_dim, latent_dim, hidden=hidden, activation=activation)
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        self.covariance = self.family = covariance
+        # Heads: loc, raw diagonal, and (full, k > 1) the strictly lower triangle.
+        heads = (latent_dim, latent_dim)
+        if covariance == "full" and latent_dim > 1:
+            heads += (latent_dim * (latent_dim - 1) // 2,)
+        self.net = MLP(data_dim, *heads, hidden=hidden, activation=activation)
+        if len(heads) == 3:
+            # Start with L(x) diagonal: the full encoder sets off from where a diagonal
+            # one would, and learns correlations only where the ELBO asks for them.
+            last = self.net.layers[-1]
+            with torch.no_grad():
+                last.weight[2 * latent_dim:].zero_()
+                last.bias[2 * latent_dim:].zero_()
 
-    def distribution(self, x: Tensor) -> dist.Independent:
+    def distribution(self, x: Tensor) -> dist.TorchDistribution:
         """q(z | x) for a batch.
 
         Parameters
@@ -122,10 +155,17 @@ class MLPEncoder(PyroModule):
 
         Returns
         -------
-        Independent Normal with batch shape (..., N) and event shape (k,).
+        Independent Normal (``"diag"``) or MultivariateNormal (``"full"``) with batch
+        shape (..., N) and event shape (k,).
         """
-        loc, raw_scale = network(self, "net")(x)
-        return dist.Normal(loc, F.softplus(raw_scale) + SCALE_FLOOR).to_event(1)
+        loc, raw_scale, *lower = network(self, "net")(x)
+        scale = F.softplus(raw_scale) + SCALE_FLOOR
+        if self.covariance == "diag":
+            return dist.Normal(loc, scale).to_event(1)
+        scale_tril = torch.diag_embed(scale)
+        if lower:
+            scale_tril = scale_tril + vec_to_tril_matrix(lower[0], diag=-1)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
 
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
         q = self.distribution(x)
@@ -158,7 +198,14 @@ class DeltaEncoder(PyroModule):
         Widths of the hidden layers of g, from x towards z.
     activation : str
         Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
+
+    Attributes
+    ----------
+    family : str
+        ``"delta"``: no density, so no importance proposal and no local family.
     """
+
+    family = "delta"
 
     def __init__(
         self,
@@ -181,3 +228,149 @@ class DeltaEncoder(PyroModule):
         q = self.distribution(x)
         with data_plate(x, idx, num_data):
             return pyro.sample("z", q)
+
+
+class FlowEncoder(PyroModule):
+    """q(z | x): a diagonal Gaussian from an MLP, pushed through conditional flows.
+
+    The MLP maps x to a hidden state h(x) (its last hidden layer) and, from it, to a
+    base N(mu(x), diag(sigma(x)^2)) as in :class:`MLPEncoder`. ``num_flows`` affine
+    coupling layers (RealNVP; Pyro's ``ConditionalAffineCoupling``) follow, each
+    conditioned on h(x), every second one acting on the latent dims in reverse order::
+
+        z_0 ~ N(mu(x), diag(sigma(x)^2)),   z_j = f_j(z_{j-1}; h(x)),   z = z_J.
+
+    A coupling layer keeps the first k//2 dims and shifts and scales the others by a
+    network of the kept dims and h(x). Why coupling: q is scored at points it did not
+    draw (an AIS chain starts from q and anneals through densities that include it;
+    ``log_marginal`` may score other guides' draws), so both directions must be cheap.
+    A coupling layer's forward and inverse are each one network pass. An affine
+    autoregressive layer (IAF) samples in one pass but inverts sequentially, one pass
+    per latent dim (50 passes for k = 50), and ``ConditionalSpline`` acts on each dim
+    alone, conditioned on x only, so it cannot correlate the latents. The reversal in
+    every second layer lets every dim be transformed conditioned on the others (two
+    layers at least are needed for that); with ``num_flows=0`` q is the Gaussian base.
+
+    Each coupling network's last layer starts at zero, so at initialization every
+    layer is the identity and q is its base: fitting starts where an
+    :class:`MLPEncoder` would.
+
+    Context h(x) of shape (N, C) broadcasts over leading sample dims of z, e.g. the
+    estimators' particles, z of shape (K, N, k). With ``hidden=()`` the context is x.
+
+    Parameters
+    ----------
+    data_dim : int
+        D, the dimension of x.
+    latent_dim : int
+        k, the dimension of z. With k = 1 a layer has nothing to condition on but
+        h(x): it is an affine map of z given x.
+    hidden : sequence of int
+        Widths of the encoder MLP's hidden layers, from x towards z.
+    num_flows : int
+        Number of coupling layers, >= 0.
+    activation : str
+        Nonlinearity of the encoder and the coupling networks, one of
+        ``ppl_vae.models.blocks.ACTIVATIONS``.
+    flow_hidden : sequence of int
+        Widths of each coupling network's hidden layers (at least one).
+
+    Attributes
+    ----------
+    family : str
+        ``"flow"``.
+    """
+
+    family = "flow"
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        *,
+        hidden: Sequence[int] = (200, 200),
+        num_flows: int = 2,
+        activation: str = "tanh",
+        flow_hidden: Sequence[int] = (100,),
+    ):
+        super().__init__()
+        self.data_dim = positive_dim(data_dim, "data_dim")
+        self.latent_dim = positive_dim(latent_dim, "latent_dim")
+        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 0:
+            raise ValueError(f"num_flows must be a non-negative integer, got {num_flows!r}")
+        self.num_flows = num_flows
+        if isinstance(flow_hidden, (str, bytes)) or not isinstance(flow_hidden, Sequence) \
+                or not flow_hidden:
+            raise ValueError(f"flow_hidden must be a non-empty sequence of widths, got "
+                             f"{flow_hidden!r}")
+        flow_hidden = [positive_dim(width, "flow_hidden") for width in flow_hidden]
+        self.net = MLP(data_dim, latent_dim, latent_dim, hidden=hidden, activation=activation)
+        context_dim = self.net.hidden[-1] if self.net.hidden else data_dim
+        self.flows = nn.ModuleList(
+            _coupling(latent_dim, context_dim, flow_hidden, activation) for _ in range(num_flows)
+        )
+
+    def _base_and_context(self, x: Tensor) -> tuple[dist.Independent, Tensor]:
+        """The Gaussian base for ``x`` (..., N, D) and the context h(x) (..., N, C)."""
+        *trunk, head = network(self, "net").layers
+        h = x
+        for layer in trunk:
+            h = layer(h)
+        loc, raw_scale = head(h).split(self.latent_dim, dim=-1)
+        base = dist.Normal(loc, F.softplus(raw_scale) + SCALE_FLOOR).to_event(1)
+        return base, h
+
+    def base_distribution(self, x: Tensor) -> dist.Independent:
+        """The Gaussian base N(mu(x), diag(sigma(x)^2)) of q(z | x).
+
+        Parameters
+        ----------
+        x : Tensor of shape (..., N, D)
+
+        Returns
+        -------
+        Independent Normal with batch shape (..., N) and event shape (k,).
+        """
+        return self._base_and_context(x)[0]
+
+    def distribution(self, x: Tensor) -> dist.TransformedDistribution:
+        """q(z | x) for a batch.
+
+        Parameters
+        ----------
+        x : Tensor of shape (..., N, D)
+
+        Returns
+        -------
+        TransformedDistribution with batch shape (..., N) and event shape (k,); its
+        ``log_prob`` scores any z of shape (..., N, k), drawn by it or not.
+        """
+        base, context = self._base_and_context(x)
+        # Every second layer sees the dims reversed, and they are put back after it, so
+        # that identity layers leave q equal to its base, dim for dim. A permutation
+        # costs an index op and has no Jacobian; rebuilt per call to follow x's device,
+        # one instance per use so that each caches its own forward pass.
+        order = torch.arange(self.latent_dim - 1, -1, -1, device=x.device)
+        transforms = []
+        for i, flow in enumerate(network(self, "flows")):
+            layer = flow.condition(context)
+            transforms += [Permute(order), layer, Permute(order)] if i % 2 else [layer]
+        return dist.TransformedDistribution(base, transforms)
+
+    def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
+        q = self.distribution(x)
+        with data_plate(x, idx, num_data):
+            return pyro.sample("z", q)
+
+
+def _coupling(latent_dim: int, context_dim: int, hidden: Sequence[int],
+              activation: str) -> ConditionalAffineCoupling:
+    """One conditional affine coupling layer on k dims, started at the identity."""
+    kept = latent_dim // 2
+    moved = latent_dim - kept
+    conditioner = ConditionalDenseNN(kept, context_dim, list(hidden), param_dims=[moved, moved],
+                                     nonlinearity=ACTIVATIONS[activation]())
+    last = conditioner.layers[-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return ConditionalAffineCoupling(kept, conditioner)

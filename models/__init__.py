@@ -1,16 +1,12 @@
 """Generative models written as Pyro models (``forward(x, idx=None, num_data=None)``).
 
-Importing this package switches Pyro to module-local parameters, so that every model
-keeps its parameters in its own ``nn.Module`` and two models built in one notebook can
-never share or leak parameters through Pyro's global param store.
+Every model keeps its parameters in its own ``nn.Module``. Importing this package changes
+no Pyro setting: the library's entry points run with module-local parameters, and a plain
+``pyro.infer.SVI`` loop registers the parameters in Pyro's param store as usual.
 """
-
-import pyro
 
 from ppl_vae.models.factor_analysis import FactorAnalysis
 from ppl_vae.models.ppca import PPCA
 from ppl_vae.models.vae import VAE
-
-pyro.settings.set(module_local_params=True)
 
 __all__ = ["PPCA", "FactorAnalysis", "VAE"]

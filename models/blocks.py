@@ -98,7 +98,11 @@ def network(owner: nn.Module, name: str) -> nn.Module:
 
     ``PyroModule.__getattr__`` announces every weight of a plain sub-network to Pyro's
     effect handlers on each access (one ``param`` message per tensor: about a third of
-    Pyro's per-step overhead for a VAE). With module-local parameters no handler needs
-    them, so hot paths skip the hook.
+    Pyro's per-step overhead for a VAE). With module-local parameters (the library's
+    own calls) no handler needs them, so hot paths skip the hook. Without them (a plain
+    ``pyro.infer.SVI`` loop) the hook is what registers the weights in Pyro's param
+    store, where the SVI optimizer finds them, so the lookup goes through it.
     """
-    return owner._modules[name]
+    if pyro.settings.get("module_local_params"):
+        return owner._modules[name]
+    return getattr(owner, name)

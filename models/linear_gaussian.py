@@ -44,9 +44,33 @@ class LinearGaussian(PyroModule):
             return pyro.sample("x", dist.Normal(x_loc, noise_scale).to_event(1), obs=x)
 
     def marginal(self) -> dist.MultivariateNormal:
-        """The exact marginal p(x) = N(mu, W W^T + diag(noise_variance))."""
+        """The exact marginal p(x) = N(mu, W W^T + diag(noise_variance)).
+
+        Differentiable in the parameters on purpose: ``-marginal().log_prob(x).mean()``
+        is a loss that trains the model by exact maximum likelihood. Its values
+        therefore require grad (and ``float()`` on them warns); to evaluate, use
+        :meth:`score_samples` / :meth:`score`, which do not build a graph.
+        """
         cov = self.W @ self.W.T + torch.diag(self.noise_variance())
         return dist.MultivariateNormal(self.mu, covariance_matrix=cov)
+
+    def score_samples(self, x: Tensor) -> Tensor:
+        """Exact log p(x) per datapoint, for evaluation (no autograd graph).
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, D)
+
+        Returns
+        -------
+        Tensor of shape (N,)
+        """
+        with torch.no_grad():
+            return self.marginal().log_prob(x)
+
+    def score(self, x: Tensor) -> float:
+        """Mean exact log p(x) over the rows of ``x``, in nats per datapoint."""
+        return float(self.score_samples(x).mean())
 
     def posterior(self, x: Tensor) -> dist.MultivariateNormal:
         """The exact posterior p(z | x) for a batch.

@@ -11,8 +11,22 @@ from ppl_vae.models import PPCA, FactorAnalysis
 
 def draw(model, num_data: int, seed: int) -> torch.Tensor:
     pyro.set_rng_seed(seed)
+    # A plain call of a PyroModule registers its parameters in Pyro's global store, and
+    # takes a PyroParam of the same name (PPCA's "sigma") from there if one is left over
+    # from another model: start and end with an empty store.
+    pyro.clear_param_store()
     with torch.no_grad():
-        return model(None, num_data=num_data)
+        data = model(None, num_data=num_data)
+    pyro.clear_param_store()
+    return data
+
+
+@pytest.fixture(autouse=True)
+def empty_param_store():
+    """Each test starts and ends with Pyro's global param store empty."""
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
 
 
 @pytest.fixture(scope="module")

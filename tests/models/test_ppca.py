@@ -70,3 +70,21 @@ def test_two_models_share_no_parameters(ppca_truth):
 def test_from_data_refuses_bad_latent_dim(latent_dim):
     with pytest.raises(ValueError, match="latent_dim"):
         PPCA.from_data(np.zeros((5, 10)), latent_dim)
+
+
+def test_score_is_the_exact_log_px_without_a_graph_and_marginal_stays_trainable():
+    # Issue 9, section 5: float() on marginal().log_prob(x) warned (it requires grad, by
+    # design: notebook 01 trains on it); score()/score_samples() evaluate without a graph.
+    import warnings
+
+    model = PPCA(5, 2).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = model.score(x)
+        per_point = model.score_samples(x)
+    assert not per_point.requires_grad and per_point.shape == (30,)
+    assert value == float(model.marginal().log_prob(x).detach().mean())
+    loss = -model.marginal().log_prob(x).mean()
+    loss.backward()
+    assert model.W.grad is not None and model.W.grad.abs().sum() > 0

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -108,6 +109,70 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_parameters(setup):
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in model.seen.items())
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_lr_inf_restores_the_last_finite_parameters_and_optimizer_state(setup):
+    # Before: FloatingPointError at step 1 with every parameter NaN (the step after a
+    # finite loss had already written inf into them).
+    model, guide, x = setup
+    adam = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-2)
+    ppl_vae.fit(model, guide, x, num_steps=7, optimizer=lambda _: adam, progress=False, seed=0)
+    params = {**snapshot(model), **snapshot(guide)}
+    state = copy.deepcopy(adam.state_dict()["state"])
+    for group in adam.param_groups:
+        group["lr"] = math.inf
+    with pytest.raises(FloatingPointError, match="at step 0.*restored"):
+        ppl_vae.fit(model, guide, x, num_steps=5, optimizer=lambda _: adam, progress=False)
+    after = {**model.state_dict(), **guide.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in params.items())
+    for key, saved in state.items():
+        assert all(torch.equal(adam.state_dict()["state"][key][name], value)
+                   for name, value in saved.items())
+
+
+def test_a_late_blow_up_rolls_back_to_the_step_before_it(setup):
+    # A rollback replays from an in-memory anchor (every ANCHOR_EVERY steps): the
+    # parameters must be those an uninterrupted run has after the same steps.
+    model, guide, x = setup
+    start = {**snapshot(model), **snapshot(guide)}
+    reference = ppl_vae.fit(model, guide, x, num_steps=130, batch_size=64, seed=3, lr=1e-2,
+                            progress=False)
+    expected = {**snapshot(model), **snapshot(guide)}
+    model.load_state_dict({k: start[k] for k in snapshot(model)})
+    guide.load_state_dict({k: start[k] for k in snapshot(guide)})
+
+    def blow_up(step, elbo):
+        if step == 129:  # the next step (130) runs with an infinite learning rate
+            for group in optimizer.param_groups:
+                group["lr"] = math.inf
+
+    def make(params):
+        nonlocal optimizer
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        return optimizer
+
+    optimizer = None
+    with pytest.raises(FloatingPointError, match="at step 130"):
+        ppl_vae.fit(model, guide, x, num_steps=140, batch_size=64, seed=3, optimizer=make,
+                    progress=False, callback=blow_up)
+    after = {**model.state_dict(), **guide.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in expected.items())
+    assert reference.num_steps == 130
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True, "3", np.float64(2.0)])
+def test_a_seed_that_is_not_an_integer_in_range_is_a_value_error(setup, seed):
+    # Before: numpy's "Seed must be between 0 and 2**32 - 1", a casting TypeError, or
+    # torch's "manual_seed expected a long, but got bool".
+    model, guide, x = setup
+    with pytest.raises(ValueError, match="seed"):
+        ppl_vae.fit(model, guide, x, num_steps=1, seed=seed, progress=False)
+
+
+def test_large_and_numpy_integer_seeds_are_accepted(setup):
+    model, guide, x = setup
+    for seed in (np.int64(7), 2**40, 2**63 - 1):
+        ppl_vae.fit(model, guide, x, num_steps=1, seed=seed, progress=False)
 
 
 def test_custom_optimizer_class_and_factory(setup):
