@@ -425,15 +425,15 @@ class _Target:
     def __init__(self, model, guide, space: LatentSpace, x, idx, num_data):
         self.model, self.guide, self.space = model, guide, space
         self.x, self.idx, self.num_data = x, idx, num_data
-        self.joint = getattr(guide, "joint_distribution", None)
+        self.q = None if guide is None else _fixed_distribution(guide, space, x, idx)
 
     def initial(self, chains: int) -> Tensor:
         """u of shape (chains, B, d) drawn from the initial distribution."""
         with torch.no_grad(), pyro.plate("particles", chains, dim=-2):
+            if self.q is not None:
+                return self.q.sample((chains,))
             if self.guide is None:
                 trace = poutine.trace(self.model).get_trace(self.x, self.idx, self.num_data)
-            elif self.joint is not None:
-                return self.joint(self.x, self.idx).sample((chains,))
             else:
                 trace = poutine.trace(self.guide).get_trace(self.x, self.idx, self.num_data)
         values = {name: trace.nodes[name]["value"] for name in self.space.names}
@@ -449,8 +449,8 @@ class _Target:
         return self._log_q(u), log_p
 
     def _log_q(self, u: Tensor) -> Tensor:
-        if self.joint is not None:
-            return self.joint(self.x, self.idx).log_prob(u)
+        if self.q is not None:
+            return self.q.log_prob(u)
         values, log_det = self.space.unflatten(u)
         with pyro.plate("particles", u.shape[0], dim=-2):
             conditioned = poutine.condition(self.guide, data=values)
@@ -465,6 +465,28 @@ class _Target:
             log_f = (1.0 - beta) * log_q + beta * log_p
             (grad,) = torch.autograd.grad(log_f.sum(), u)
         return log_q.detach(), log_p.detach(), grad
+
+
+def _fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):
+    """q(u) of a guide whose density over the unconstrained latents does not change
+    during AIS, computed once per chunk (the guide's networks then run once, not at
+    every gradient), or None when it must be read from the guide's trace each time.
+
+    A local guide of this library gives it as ``joint_distribution``; an encoder with
+    ``distribution(x)`` gives it when the model has a single real latent site.
+    """
+    with torch.no_grad():
+        joint = getattr(guide, "joint_distribution", None)
+        if callable(joint):
+            return joint(x, idx)
+        site = space.sites[0]
+        single_real = len(space.sites) == 1 and site.is_real and len(site.event_shape) == 1
+        if not (single_real and callable(getattr(guide, "distribution", None))):
+            return None
+        q = guide.distribution(x)
+    if tuple(q.batch_shape) != (len(x),) or tuple(q.event_shape) != (space.dim,):
+        return None
+    return q
 
 
 def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Settings,
