@@ -15,8 +15,10 @@ This is the one place in the library that names particular models and guides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -25,11 +27,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import ppl_vae
 from ppl_vae import checkpoint
 from ppl_vae.checkpoint import CheckpointError, atomic_save
 from ppl_vae.data import load_dataset
+from ppl_vae.distributed import rank_and_size
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.seeding import check_seed
@@ -263,7 +267,8 @@ def cmd_fit(args) -> dict:
     if p.state is not None and not resume:  # evaluate a saved model
         model, guide = rebuild(p.cfg, p.state, p.source)
         cfg, seconds = p.cfg, 0.0
-        save_checkpoint(p.out / "checkpoint.pt", model, guide, cfg)
+        if _writer():
+            save_checkpoint(p.out / "checkpoint.pt", model, guide, cfg)
     else:
         model, guide, cfg, seconds = train(
             p.cfg, args.data_root, progress=not args.quiet,
@@ -273,6 +278,8 @@ def cmd_fit(args) -> dict:
     x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
     d = ppl_vae.diagnostics(model, guide, x, num_samples, seed=cfg.seed)
     summary = {"train_seconds": round(seconds, 2), "test_points": len(x), **d.summary()}
+    if not _writer():  # every rank has the same numbers; one prints and writes them
+        return summary
     print(f"test ELBO      {summary['elbo']:.3f} +- {summary['elbo_se']:.3f} nats")
     print(f"test log p(x)  {summary['log_marginal']:.3f} +- {summary['log_marginal_se']:.3f} "
           f"nats (K={num_samples}, {len(x)} points)")
@@ -293,6 +300,8 @@ def cmd_gaps(args) -> dict:
                           num_samples=args.num_samples or NUM_SAMPLES, seed=cfg.seed,
                           log_px=args.log_px, ais_steps=args.ais_steps or AIS_STEPS,
                           ais_chains=args.ais_chains or AIS_CHAINS, progress=not args.quiet)
+    if not _writer():
+        return report.to_dict()
     print(report)
     (p.out / "gaps.json").write_text(report.to_json())
     _save_figure(report, p.out / "gaps.png")
@@ -381,7 +390,8 @@ def main(argv=None) -> None:
     """
     args = build_parser().parse_args(argv)
     try:
-        _dispatch(args)
+        with _process_group():
+            _dispatch(args)
     except Interrupted as stop:
         print(_interrupted_message(stop, args), file=sys.stderr)
         raise SystemExit(128 + stop.signal) from None
@@ -391,6 +401,29 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         print(f"ppl-vae: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _writer() -> bool:
+    """Rank 0 prints and writes; other ranks of a torchrun job only compute."""
+    return rank_and_size()[0] == 0
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Under torchrun (WORLD_SIZE > 1 in the environment), the default process group:
+    nccl when CUDA is available, gloo otherwise; destroyed on the way out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _interrupted_message(stop: Interrupted, args) -> str:

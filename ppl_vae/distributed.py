@@ -10,16 +10,36 @@ to a one-process call with the same seed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_LOCAL_ONLY = [False]
+
 
 def rank_and_size() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size) of the default process group, or (0, 1) without one (or
+    inside :func:`local_only`)."""
+    if not _LOCAL_ONLY[0] and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside, every rank computes everything alone, as one process would.
+
+    For work whose result must equal a one-process call bit for bit but whose random
+    draws are not tied to rows (a local guide's SVI fit): every rank runs it whole.
+    """
+    previous = _LOCAL_ONLY[0]
+    _LOCAL_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] = previous
 
 
 def is_distributed() -> bool:
@@ -57,3 +77,28 @@ def _backend_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def agree(value: float, flag: bool) -> tuple[float, bool]:
+    """The mean of ``value`` over ranks and whether any rank raised ``flag`` (one
+    all-reduce), so that every rank records the same history and stops at the same step."""
+    if not is_distributed():
+        return value, flag
+    both = torch.tensor([value, float(flag)], dtype=torch.float64, device=_backend_device())
+    dist.all_reduce(both)
+    return float(both[0]) / rank_and_size()[1], bool(both[1] > 0)
+
+
+def wrapped(loss_module: torch.nn.Module) -> torch.nn.Module:
+    """``loss_module`` in DistributedDataParallel when training runs on several ranks.
+
+    DDP broadcasts rank 0's parameters at construction and averages the gradients of
+    every backward pass, so the parameters stay identical across ranks.
+    """
+    if not is_distributed():
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(loss_module.parameters()).device
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(loss_module, device_ids=device_ids)

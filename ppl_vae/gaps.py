@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.ais import ais
+from ppl_vae.distributed import local_only
 from ppl_vae.estimators import _mean_se, check_guide, check_structure, log_weights, pareto_khat
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.guides.local import (
@@ -230,8 +231,10 @@ class GapReport:
         khat = per_datapoint["khat"]
         return cls(
             **means,
-            khat_mean=float(khat.nan_to_num().mean()),
-            khat_max=float(khat.nan_to_num().max()),
+            # NaN (one sample) carries no information; inf (too few samples for a tail
+            # fit) is arviz's way of saying "do not trust", and stays inf.
+            khat_mean=_mean_or_nan(khat[~khat.isnan()]),
+            khat_max=float(khat[~khat.isnan()].max()) if (~khat.isnan()).any() else math.nan,
             num_data=len(khat),
             per_datapoint=dict(per_datapoint),
             **info,
@@ -532,8 +535,9 @@ def refine(
         while done < steps:
             n = min(eval_every, steps - done)
             # The same optimizer each time: Adam's moments carry over between segments.
-            fit(model, local, x, num_steps=n, optimizer=lambda _: optimizer, loss=loss,
-                train_model=False, progress=False, callback=_decay_only(schedule))
+            with local_only():
+                fit(model, local, x, num_steps=n, optimizer=lambda _: optimizer, loss=loss,
+                    train_model=False, progress=False, callback=_decay_only(schedule))
             done += n
             record.append((done, *_mean_elbo(model, local, x, num_samples, eval_seed)))
             bar.update(n)
@@ -555,11 +559,14 @@ def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_s
     steps = positive_int(steps, "steps")
     schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     guide = _initial_local(model, x, family, init_from, seed=seed)
-    result: FitResult = fit(
-        model, guide, x, num_steps=steps, batch_size=batch_size,
-        optimizer=schedule.optimizer, loss=_particle_elbo(num_particles), seed=seed,
-        progress=progress, train_model=False, callback=schedule,
-    )
+    # Under torch.distributed every rank runs the whole local fit: its draws are not tied
+    # to rows, so sharding it would change the result (see ppl_vae.distributed).
+    with local_only():
+        result: FitResult = fit(
+            model, guide, x, num_steps=steps, batch_size=batch_size,
+            optimizer=schedule.optimizer, loss=_particle_elbo(num_particles), seed=seed,
+            progress=progress, train_model=False, callback=schedule,
+        )
     return guide, result
 
 
@@ -777,6 +784,10 @@ def _eval_seed(seed: int | None) -> int:
 
 
 LOG_PX_METHODS = ("auto", "exact", "is", "ais")
+
+
+def _mean_or_nan(values: Tensor) -> float:
+    return float(values.mean()) if len(values) else math.nan
 
 
 def _settings_text(settings: dict) -> str:

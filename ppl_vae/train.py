@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ppl_vae.checkpoint import CheckpointError, atomic_save, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
+from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.estimators import check_guide_covers
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import module_local
@@ -191,8 +192,12 @@ def fit(
                             "train_model": bool(train_model), "binarize": binarize})
     if resume:
         run.load_state_dict(checkpoint_load(saver.path, _KEYS), saver.path)
-    run.loss_fn = TracedLoss(loss_fn) if jit else loss_fn
+    rank = rank_and_size()[0]
+    if rank != 0:  # one progress bar and one writer of checkpoints
+        progress, saver = False, _Saver(None, None, {})
     with _frozen(model, not train_model), pyro.validation_enabled(False), _Signals() as signals:
+        # Wrapped once the model is frozen: DDP syncs only what requires grad.
+        run.loss_fn = wrapped(TracedLoss(loss_fn) if jit else loss_fn)
         _loop(run, x, as_seen, callback, saver, signals, progress)
     return run.result()
 
@@ -205,7 +210,7 @@ def _loop(run, x, as_seen, callback, saver, signals, progress) -> None:
         while run.step < run.total:
             if anchor is None or run.step % ANCHOR_EVERY == 0:
                 anchor = run.anchor()
-            elbo = run.advance(x, as_seen, anchor)
+            elbo = run.advance(x, as_seen, anchor, signals)
             if progress:
                 bar.update()
                 bar.set_postfix(elbo=f"{elbo:.3f}", refresh=False)
@@ -415,12 +420,25 @@ class _Training:
         self.history: list[float] = []
         self.seconds: list[float] = []
 
-    def advance(self, x, as_seen, anchor: dict) -> float:
-        """Run step ``self.step``; return its ELBO per datapoint."""
+    def advance(self, x, as_seen, anchor: dict, signals=None) -> float:
+        """Run step ``self.step``; return its ELBO per datapoint.
+
+        Under torch.distributed every rank draws the same global minibatch and takes
+        every world_size-th row of it; the loss of each share is scaled to the whole
+        dataset, and DDP averages the gradients, so a step estimates the same gradient
+        as one process with the whole minibatch. All ranks share one random stream (the
+        same seed), so one checkpoint resumes them all.
+        """
         start = time.perf_counter()
         idx = self.batches.next()
+        rank, world = rank_and_size()
+        idx = idx[rank::world] if world > 1 else idx
         num_data = self.batches.num_data
         value = _step(self.loss_fn, self.opt, as_seen(x[idx]), idx, num_data, self.step)
+        received = signals is not None and signals.received is not None
+        value, received = agree(value, received)
+        if received and signals.received is None:
+            signals.received = signal.SIGTERM  # another rank was signalled
         if not _finite(self.params):
             self._roll_back(anchor, x, as_seen)
         self.seconds.append(time.perf_counter() - start)

@@ -28,7 +28,15 @@ def evaluate() -> dict:
     d = ppl_vae.diagnostics(model, guide, x, 40, seed=3)
     result = ppl_vae.ais(model, x, proposal=guide, num_steps=8, num_chains=3, seed=3,
                          progress=False)
+    report = ppl_vae.gaps(model, guide, x, num_samples=30, local_steps=60, seed=3,
+                          progress=False, log_px="ais", ais_steps=4, ais_chains=2)
+    xs, latents = ppl_vae.sample_from_model(model, 20, seed=4)
+    sandwich = ppl_vae.bdmc(model, xs, latents, num_steps=4, num_chains=2, seed=3,
+                            progress=False)
     return {
+        **{f"gaps_{name}": value for name, value in report.per_datapoint.items()},
+        "bdmc_lower": sandwich.lower,
+        "bdmc_upper": sandwich.upper,
         "log_weights": ppl_vae.log_weights(model, guide, x, 300, seed=3),
         "log_marginal": ppl_vae.log_marginal(model, guide, x, 300, seed=3),
         "elbo": ppl_vae.elbo(model, guide, x, 300, seed=3),
