@@ -30,29 +30,39 @@ def log_density(trace, shape: tuple[int, int], observed: bool | None = None) -> 
     ``observed`` picks the sites: True the observed ones, False the latent ones, None
     all. Values outside a site's support score -inf.
     """
-    total = torch.zeros(shape)
-    outside = torch.zeros(shape, dtype=torch.bool)
+    total, outside = None, None
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         if observed is not None and site["is_observed"] != observed:
             continue
-        log_prob = site["fn"].log_prob(site["value"])
+        log_prob = _site_log_prob(site)
+        total = log_prob if total is None else total + log_prob
         if not site["is_observed"]:
-            outside = outside.to(log_prob.device) | ~_inside_support(site["fn"], site["value"])
-        if site["mask"] is not None:
-            log_prob = log_prob.masked_fill(~site["mask"], 0.0)
-        total = total.to(log_prob) + log_prob
+            inside = _inside_support(site["fn"], site["value"])
+            if inside is not None:
+                outside = ~inside if outside is None else outside | ~inside
+    if total is None:
+        return torch.zeros(shape)
+    total = total.expand(shape)
     # After the sum: a likelihood evaluated at an impossible latent may be NaN.
-    return total.expand(shape).masked_fill(outside.expand(shape), -torch.inf)
+    return total if outside is None else total.masked_fill(outside.expand(shape), -torch.inf)
 
 
-def _inside_support(fn, value: Tensor) -> Tensor:
+def _site_log_prob(site) -> Tensor:
+    log_prob = site["fn"].log_prob(site["value"])
+    if site["mask"] is not None:
+        log_prob = log_prob.masked_fill(~site["mask"], 0.0)
+    return log_prob
+
+
+def _inside_support(fn, value: Tensor) -> Tensor | None:
+    """Where ``value`` lies in the support, or None for a support of all reals."""
     base = fn.support
     while isinstance(base, constraints.independent):
         base = base.base_constraint
     if base in _ALL_REALS:
-        return torch.tensor(True)
+        return None
     return fn.support.check(value)
 
 
@@ -78,14 +88,12 @@ def log_joint(model, space: LatentSpace, x: Tensor, idx: Tensor, num_data: int,
 
 
 def _sum_sites(trace, shape, names: set[str], latent: bool) -> Tensor:
-    total = torch.zeros(shape)
+    total = None
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         if (name in names) != latent:
             continue
-        log_prob = site["fn"].log_prob(site["value"])
-        if site["mask"] is not None:
-            log_prob = log_prob.masked_fill(~site["mask"], 0.0)
-        total = total.to(log_prob) + log_prob
-    return total.expand(shape)
+        log_prob = _site_log_prob(site)
+        total = log_prob if total is None else total + log_prob
+    return torch.zeros(shape) if total is None else total.expand(shape)
