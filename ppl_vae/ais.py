@@ -230,13 +230,10 @@ def ais(
     -------
     AISResult
     """
-    x, idx, num_data, betas, settings = _checked(
+    x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
         target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress,
     )
-    space = check_structure(model, x, idx, num_data)
-    if proposal is not None:
-        check_guide(model, proposal, x, idx, num_data)
     return _run(model, proposal, space, x, idx, num_data, betas, settings, reverse_from=None)
 
 
@@ -278,13 +275,10 @@ def bdmc(
     -------
     BDMCResult
     """
-    x, idx, num_data, betas, settings = _checked(
+    x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
         target_accept, adapt, pilot_chains, schedule, None, None, seed, progress,
     )
-    space = check_structure(model, x, idx, num_data)
-    if proposal is not None:
-        check_guide(model, proposal, x, idx, num_data)
     exact = space.flatten(_checked_latents(latents, space, x))
     forward = _run(model, proposal, space, x, idx, num_data, betas, settings, None)
     reverse_settings = _Settings(**{**settings.__dict__, "seed": settings.seed ^ 0x5A5A5A5A})
@@ -320,6 +314,7 @@ def schedule_betas(schedule: str | Sequence[float], num_steps: int) -> Tensor:
 
 def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
              target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress):
+    """Every argument, the model's latent space and the proposal, checked before work."""
     x = as_data(x, model)
     idx, num_data = check_rows(x, idx, num_data)
     positive_int(num_steps, "num_steps")
@@ -338,7 +333,10 @@ def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_siz
         seed=base_seed(check_seed(seed)),
         progress=progress,
     )
-    return x, idx, num_data, betas, settings
+    space = check_structure(model, x, idx, num_data)
+    if proposal is not None:
+        check_guide(model, proposal, x, idx, num_data)
+    return x, idx, num_data, betas, settings, space
 
 
 def _checked_latents(latents, space: LatentSpace, x: Tensor) -> dict[str, Tensor]:
