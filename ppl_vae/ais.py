@@ -63,6 +63,8 @@ SIGMOID_DELTA = 4.0
 # Multiplicative step-size rule: log eps += ADAPT_GAIN * (acceptance - target).
 ADAPT_GAIN = 0.05
 STEP_SIZE_RANGE = (1e-4, 1.0)
+# Chains per datapoint that only steer the step size.
+PILOT_CHAINS = 4
 # Chains x rows x data-dims per chunk: bounds the memory of the decoder's temporaries.
 CHUNK_ELEMENTS = 2**22
 
@@ -180,7 +182,7 @@ def ais(
     step_size: float = 0.05,
     target_accept: float = 0.65,
     adapt: bool = True,
-    pilot_chains: int = 4,
+    pilot_chains: int = PILOT_CHAINS,
     schedule: str | Sequence[float] = "sigmoid",
     idx: Tensor | None = None,
     num_data: int | None = None,
@@ -250,7 +252,7 @@ def bdmc(
     step_size: float = 0.05,
     target_accept: float = 0.65,
     adapt: bool = True,
-    pilot_chains: int = 4,
+    pilot_chains: int = PILOT_CHAINS,
     schedule: str | Sequence[float] = "sigmoid",
     seed: int | None = None,
     progress: bool = True,
@@ -285,6 +287,19 @@ def bdmc(
     reverse = _run(model, proposal, space, x, idx, num_data, betas, reverse_settings, exact)
     return BDMCResult(lower=forward.log_marginal, upper=reverse.log_marginal,
                       forward=forward, reverse=reverse)
+
+
+def ais_checked(model, proposal, space: LatentSpace, x: Tensor, *, num_steps: int,
+                num_chains: int, seed: int, progress: bool = True) -> AISResult:
+    """The core of :func:`ais` with its default transitions, for callers inside the
+    library that have checked the model, its latent space, the proposal and ``x``
+    (all rows of the dataset)."""
+    settings = _Settings(num_chains=num_chains, pilot_chains=PILOT_CHAINS, leapfrog_steps=10,
+                         step_size=0.05, target_accept=0.65, adapt=True, seed=seed,
+                         progress=progress)
+    idx = torch.arange(len(x), device=x.device)
+    betas = schedule_betas("sigmoid", num_steps)
+    return _run(model, proposal, space, x, idx, len(x), betas, settings, reverse_from=None)
 
 
 def schedule_betas(schedule: str | Sequence[float], num_steps: int) -> Tensor:

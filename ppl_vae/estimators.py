@@ -87,7 +87,17 @@ def log_weights(
     Tensor of shape (K, N)
         -inf where a draw fell outside a latent's support.
     """
-    job = _Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed)
+    return _weights(_Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed))
+
+
+def log_weights_checked(model, guide, x: Tensor, num_samples: int, seed: int) -> Tensor:
+    """The core of :func:`log_weights` for callers inside the library that have checked
+    the model, the guide as a proposal, ``x`` (all rows of the dataset) and the seed."""
+    idx = torch.arange(len(x), device=x.device)
+    return _weights(_Job(model, guide, x, idx, len(x), num_samples, "guide", seed))
+
+
+def _weights(job: _Job) -> Tensor:
     out = job.x.new_zeros(job.num_samples, len(job.x))
     for positions, samples, lw in job.units():
         out[samples, positions] = lw

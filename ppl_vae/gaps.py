@@ -28,9 +28,16 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.ais import ais
+from ppl_vae.ais import ais_checked
 from ppl_vae.distributed import local_only
-from ppl_vae.estimators import _mean_se, check_guide, check_structure, log_weights, pareto_khat
+from ppl_vae.estimators import (
+    _mean_se,
+    check_guide,
+    check_structure,
+    log_weights,
+    log_weights_checked,
+    pareto_khat,
+)
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.guides.local import (
     FAMILIES,
@@ -40,9 +47,9 @@ from ppl_vae.guides.local import (
     LocalFull,
     family_of,
 )
-from ppl_vae.seeding import caller_rng_kept, seed_torch
+from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
-from ppl_vae.train import FitResult, fit
+from ppl_vae.train import FitResult, fit, fit_checked
 from ppl_vae.validation import as_data, one_of, positive_int
 
 # Per-datapoint quantities of a GapReport, each with a standard error "<name>_se".
@@ -383,7 +390,8 @@ def gaps(
         (unless ``match_family=False``); all before any fitting.
     """
     x = as_data(x, model)
-    check_structure(model, x[:1])
+    seed = check_seed(seed)
+    space = check_structure(model, x[:1])
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
@@ -400,10 +408,10 @@ def gaps(
         num_particles=local_particles, progress=progress, seed=seed,
     )
     eval_seed = _eval_seed(seed)
-    lw_local = log_weights(model, local_guide, x, num_samples, seed=eval_seed)
-    lw_amortized = log_weights(model, guide, x, num_samples, seed=eval_seed)
+    lw_local = log_weights_checked(model, local_guide, x, num_samples, eval_seed)
+    lw_amortized = log_weights_checked(model, guide, x, num_samples, eval_seed)
     settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
-    estimate, px_influence, extra_se = _log_px(model, x, lw_local, method, local_guide,
+    estimate, px_influence, extra_se = _log_px(model, space, x, lw_local, method, local_guide,
                                                settings, eval_seed, progress)
     per = _per_datapoint(estimate, px_influence, lw_local, lw_amortized)
     for name in ("log_px_se", "approximation_gap_se", "inference_gap_se"):
@@ -554,18 +562,23 @@ def _decay_only(schedule):
 
 def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
                tol=1e-3, window=50, progress=True, seed=None) -> tuple:
-    """The fit behind fit_local and gaps, on data they have already checked."""
+    """The fit behind fit_local and gaps, on data they have already checked (its own
+    settings are checked here, once)."""
     one_of(family, FAMILIES, "family")
     steps = positive_int(steps, "steps")
+    seed = check_seed(seed)
+    batch_size = len(x) if batch_size is None else min(positive_int(batch_size, "batch_size"),
+                                                       len(x))
     schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
+    loss = _particle_elbo(num_particles)
     guide = _initial_local(model, x, family, init_from, seed=seed)
     # Under torch.distributed every rank runs the whole local fit: its draws are not tied
     # to rows, so sharding it would change the result (see ppl_vae.distributed).
     with local_only():
-        result: FitResult = fit(
-            model, guide, x, num_steps=steps, batch_size=batch_size,
-            optimizer=schedule.optimizer, loss=_particle_elbo(num_particles), seed=seed,
-            progress=progress, train_model=False, callback=schedule,
+        result: FitResult = fit_checked(
+            model, guide, x, batch_size=batch_size, total=steps,
+            optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
+            train_model=False, callback=schedule,
         )
     return guide, result
 
@@ -810,7 +823,7 @@ def _log_px_method(model, log_px: str) -> str:
     return {"is": "importance"}.get(log_px, log_px)
 
 
-def _log_px(model, x, lw_local, method, local_guide, settings, seed, progress):
+def _log_px(model, space, x, lw_local, method, local_guide, settings, seed, progress):
     """log p(x) per datapoint, its per-sample influence [K, N] on the paired errors, and
     a standard error independent of those samples (AIS), shape (N,)."""
     no_extra = torch.zeros_like(lw_local[0])
@@ -819,7 +832,8 @@ def _log_px(model, x, lw_local, method, local_guide, settings, seed, progress):
             exact = model.marginal().log_prob(x).to(lw_local)
         return exact, torch.zeros_like(lw_local), no_extra
     if method == "ais":
-        result = ais(model, x, proposal=local_guide, seed=seed, progress=progress, **settings)
+        result = ais_checked(model, local_guide, space, x, seed=seed, progress=progress,
+                             **settings)
         return result.log_marginal, torch.zeros_like(lw_local), result.log_marginal_se
     log_px = torch.logsumexp(lw_local, 0) - math.log(len(lw_local))
     # Delta method: log mean(w) moves by (w_k / mean(w) - 1) / K per sample.

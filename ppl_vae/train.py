@@ -182,14 +182,32 @@ def fit(
     batch_size = batch_size or num_data
     total = _total_steps(epochs, num_steps, math.ceil(num_data / batch_size))
     saver = _Saver.checked(checkpoint, checkpoint_every, resume, checkpoint_extra)
+    signature = {"num_data": num_data, "batch_size": batch_size, "seed": seed,
+                 "train_model": bool(train_model), "binarize": binarize}
+    return fit_checked(model, guide, x, as_seen=as_seen, batch_size=batch_size, total=total,
+                       lr=lr, optimizer=optimizer, loss=loss, seed=seed, progress=progress,
+                       train_model=train_model, callback=callback, jit=jit, saver=saver,
+                       resume=resume, signature=signature)
+
+
+def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, optimizer=None,
+                loss=None, seed=None, progress=True, train_model=True, callback=None, jit=True,
+                saver=None, resume=False, signature=None) -> FitResult:
+    """The core of :func:`fit`, for callers inside the library that have validated
+    every argument already (``total`` steps of ``batch_size`` rows; ``x`` a checked
+    tensor). It trusts its inputs."""
+    as_seen = as_seen or _unchanged
+    saver = saver or _Saver(None, None, {})
+    signature = signature or {"num_data": len(x), "batch_size": batch_size, "seed": seed,
+                              "train_model": bool(train_model), "binarize": None}
+    num_data = len(x)
     if seed is not None:
         seed_everything(seed)
     loss_fn = (loss or Trace_ELBO(max_plate_nesting=1))(model, guide)
     params = list((loss_fn if train_model else guide).parameters())
     opt = _make_optimizer(optimizer, params, lr)
     run = _Training(model, guide, opt, params, _Batches(num_data, batch_size, seed, x.device),
-                    total, {"num_data": num_data, "batch_size": batch_size, "seed": seed,
-                            "train_model": bool(train_model), "binarize": binarize})
+                    total, signature)
     if resume:
         run.load_state_dict(checkpoint_load(saver.path, _KEYS), saver.path)
     rank = rank_and_size()[0]
