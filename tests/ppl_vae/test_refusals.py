@@ -152,3 +152,14 @@ def test_a_seeded_row_depends_only_on_the_seed_and_its_index():
     order = torch.tensor([40, 3, 3, 17])
     shuffled = ppl_vae.log_weights(model, guide, x[order], 300, seed=9, idx=order, num_data=50)
     assert torch.equal(shuffled, whole[:, order])
+
+
+def test_gaps_with_one_sample_reports_nan_errors_instead_of_failing(ppca_truth):
+    model, x = ppca_truth
+    guide = ppl_vae.guides.LinearEncoder(10, 2).double()
+    report = ppl_vae.gaps(model, guide, x[:20], num_samples=1, local_steps=20, seed=0,
+                          progress=False)
+    assert math.isnan(report.khat_mean)
+    assert torch.isnan(report.per_datapoint["elbo_local_se"]).all()
+    torch.testing.assert_close(report.per_datapoint["log_px"],
+                               model.marginal().log_prob(x[:20]).detach())
