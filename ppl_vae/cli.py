@@ -46,7 +46,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
 DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit"}
 NUM_SAMPLES = 1000
-AIS_STEPS, AIS_CHAINS = 1000, 16
+AIS_STEPS, AIS_CHAINS = 100, 16
 # Keys every checkpoint of the command keeps (fit's training state sits beside them).
 CHECKPOINT_KEYS = ("config", "model", "guide")
 
