@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import ppl_vae
+from benchmarks.store import Store
 from ppl_vae.cli import load_checkpoint
 from ppl_vae.data import load_dataset
 
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
                      seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = _Store(out / "ais_mnist.json")
+    store = Store(out / "ais_mnist.json")
     for steps in args.steps:
         for adapt in (True, False):
             key = f"ais/{steps}/{'adapt' if adapt else 'fixed'}"
@@ -81,24 +81,6 @@ def _parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/ais_mnist")
     return parser
-
-
-class _Store:
-    """Results by key in a JSON file; a key already there is not measured again."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.results = json.loads(path.read_text()) if path.exists() else {}
-
-    def run(self, key: str, measure) -> None:
-        if key in self.results:
-            return
-        start = time.perf_counter()
-        value = measure()
-        value["seconds"] = time.perf_counter() - start
-        self.results[key] = value
-        self.path.write_text(json.dumps(self.results, indent=2))
-        print(key, json.dumps(value), flush=True)
 
 
 def _ais(model, encoder, x, steps, adapt, args) -> dict:

@@ -1,0 +1,32 @@
+"""A JSON file of results by key, so that long benchmarks can be stopped and resumed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class Store:
+    """Results by key in a JSON file; a key already there is not measured again.
+
+    Each result is written atomically (a temporary file, then ``replace``) as soon as it
+    is measured, with the seconds it took.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, key: str, measure) -> None:
+        if key in self.results:
+            return
+        start = time.perf_counter()
+        value = measure()
+        value["seconds"] = time.perf_counter() - start
+        self.results[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.path)
+        brief = {k: v for k, v in value.items() if not isinstance(v, (list, dict))}
+        print(key, json.dumps(brief), flush=True)
