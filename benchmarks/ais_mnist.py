@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     xs, latents = ppl_vae.sample_from_model(model, args.points, seed=args.seed)
     for steps in args.bdmc_steps:
         store.run(f"bdmc/{steps}", lambda s=steps: _bdmc(model, encoder, xs, latents, s, args))
-    store.run("speed", lambda: _speed(model, encoder, x[: args.speed_points], args))
+    if args.speed_points > 0:
+        store.run("speed", lambda: _speed(model, encoder, x[: args.speed_points], args))
     for k in args.is_samples:
         store.run(f"is/local/{k}", lambda k=k: _is_local(model, encoder, x, k, args.seed))
     _print(store.results, args)
@@ -71,10 +72,10 @@ def _parser():
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 5000, 10000])
-    parser.add_argument("--bdmc-steps", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--bdmc-steps", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--chains", type=int, default=16)
     parser.add_argument("--fixed-step-size", type=float, default=0.03)
-    parser.add_argument("--is-samples", type=int, nargs="+", default=[5000])
+    parser.add_argument("--is-samples", type=int, nargs="*", default=[5000])
     parser.add_argument("--speed-points", type=int, default=32)
     parser.add_argument("--speed-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -88,7 +89,9 @@ def _ais(model, encoder, x, steps, adapt, args) -> dict:
                          adapt=adapt, step_size=0.05 if adapt else args.fixed_step_size,
                          seed=args.seed, progress=False)
     return {**result.summary(), "per_point_seconds": result.seconds / len(x),
-            "step_size": float(result.step_size.mean())}
+            "step_size": float(result.step_size.mean()),
+            # per datapoint, for paired comparisons between step counts
+            "per_point": result.log_marginal.tolist()}
 
 
 def _is(model, guide, x, k, seed) -> dict:
@@ -108,7 +111,8 @@ def _bdmc(model, encoder, xs, latents, steps, args) -> dict:
     result = ppl_vae.bdmc(model, xs, latents, proposal=encoder, num_steps=steps,
                           num_chains=args.chains, seed=args.seed, progress=False)
     return {**result.summary(), "per_point_seconds": (result.forward.seconds
-                                                      + result.reverse.seconds) / len(xs)}
+                                                      + result.reverse.seconds) / len(xs),
+            "per_point_gap": (result.upper - result.lower).tolist()}
 
 
 # ------------------------------------------------------------------ the speed check

@@ -36,14 +36,16 @@ from ppl_vae.data import load_dataset
 from ppl_vae.distributed import rank_and_size
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
+from ppl_vae.objectives import LR_SCHEDULES
 from ppl_vae.seeding import check_seed
-from ppl_vae.train import Interrupted
+from ppl_vae.train import OBJECTIVES, Interrupted
 from ppl_vae.validation import one_of, positive_int
 
 MODELS = ("vae", "ppca", "fa")
 GUIDES = ("mlp", "linear", "linear-full", "delta")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
+BINARIZE = ("static", "dynamic")
 DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit"}
 NUM_SAMPLES = 1000
 AIS_STEPS, AIS_CHAINS = 100, 16
@@ -65,6 +67,11 @@ class RunConfig:
     batch_size: int = 100
     lr: float = 1e-3
     seed: int = 0
+    objective: str = "elbo"
+    particles: int = 1
+    kl_warmup: int = 0
+    lr_schedule: str = "constant"
+    binarize: str = "static"
     data_dim: int = field(default=0)
 
 
@@ -128,10 +135,13 @@ def rebuild(cfg: RunConfig, state: dict, path):
     return model, guide
 
 
-def load_split(cfg: RunConfig, split: str, root, limit=None) -> torch.Tensor:
-    """A split of the configured dataset, binarized once (seeded) for a Bernoulli VAE."""
+def load_split(cfg: RunConfig, split: str, root, limit=None, training=False) -> torch.Tensor:
+    """A split of the configured dataset, binarized once (seeded) for a Bernoulli VAE;
+    the intensities when ``training`` with ``binarize="dynamic"`` (fit redraws them)."""
     binary = cfg.model == "vae" and cfg.likelihood == "bernoulli"
     binarize = "static" if binary and cfg.dataset not in BINARY_DATASETS else None
+    if training and cfg.binarize == "dynamic":
+        binarize = None
     return load_dataset(cfg.dataset, split, root=root, binarize=binarize, limit=limit,
                         seed=cfg.seed)
 
@@ -144,7 +154,7 @@ def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
     is saved there every ``checkpoint_every`` steps, at the end and on SIGINT/SIGTERM;
     ``resume`` continues from it.
     """
-    x = load_split(cfg, "train", root)
+    x = load_split(cfg, "train", root, training=True)
     cfg = RunConfig(**{**asdict(cfg), "data_dim": x.shape[1]})
     torch.manual_seed(cfg.seed)
     model, guide = build_model(cfg), build_guide(cfg)
@@ -152,7 +162,10 @@ def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
     start = time.perf_counter()
     ppl_vae.fit(model, guide, x, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 seed=cfg.seed, progress=progress, checkpoint=checkpoint_path,
-                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra)
+                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra,
+                objective=cfg.objective, num_particles=cfg.particles,
+                kl_warmup=cfg.kl_warmup or None, lr_schedule=cfg.lr_schedule,
+                binarize="dynamic" if cfg.binarize == "dynamic" else None)
     return model, guide, cfg, time.perf_counter() - start
 
 
@@ -161,8 +174,17 @@ def check_config(cfg: RunConfig) -> None:
     one_of(cfg.model, MODELS, "--model")
     one_of(cfg.guide, GUIDES, "--guide")
     one_of(cfg.likelihood, LIKELIHOODS, "--likelihood")
-    for name in ("latent_dim", "epochs", "batch_size"):
+    one_of(cfg.objective, OBJECTIVES, "--objective")
+    one_of(cfg.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+    one_of(cfg.binarize, BINARIZE, "--binarize")
+    for name in ("latent_dim", "epochs", "batch_size", "particles"):
         positive_int(getattr(cfg, name), _flag(name))
+    if not (isinstance(cfg.kl_warmup, int) and cfg.kl_warmup >= 0):
+        raise ValueError(f"--kl-warmup must be a number of steps >= 0, got {cfg.kl_warmup!r}")
+    if cfg.binarize == "dynamic" and not (cfg.model == "vae" and cfg.likelihood == "bernoulli"
+                                          and cfg.dataset not in BINARY_DATASETS):
+        raise ValueError("--binarize dynamic needs --model vae with a bernoulli likelihood on "
+                         "a dataset of intensities (mnist, fashion_mnist, digits)")
     if not cfg.hidden:
         raise ValueError("--hidden needs at least one layer width")
     for width in cfg.hidden:
@@ -345,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
         p.add_argument("--lr", type=float, help=f"default {defaults.lr}")
         p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+        p.add_argument("--objective", choices=OBJECTIVES,
+                       help=f"training objective (default {defaults.objective}); iwae is "
+                       "the importance-weighted bound with --particles samples")
+        p.add_argument("--particles", type=int,
+                       help=f"samples per datapoint of the objective (default "
+                       f"{defaults.particles})")
+        p.add_argument("--kl-warmup", type=int, metavar="STEPS",
+                       help="steps over which the latent terms' weight rises to 1 "
+                       f"(default {defaults.kl_warmup}: none)")
+        p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help=f"learning-rate decay over the run (default {defaults.lr_schedule})")
+        p.add_argument("--binarize", choices=BINARIZE,
+                       help="static: binarize the data once (seeded); dynamic: redraw the "
+                       "training minibatches each step (test data stay static); default "
+                       f"{defaults.binarize}")
         p.add_argument("--num-samples", type=int, default=None,
                        help=f"importance samples per test point (default {NUM_SAMPLES})")
         p.add_argument("--eval-limit", type=int, default=None,

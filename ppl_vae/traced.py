@@ -32,7 +32,10 @@ class TracedLoss(nn.Module):
         super().__init__()
         self.loss_module = loss_module
         # Optimizers update parameters in place, so the same tensors feed every call.
-        self._names, self._params = zip(*loss_module.named_parameters(), strict=True)
+        # Buffers are inputs too: a value changed in place between steps (a KL warm-up
+        # weight, for example) must not be frozen into the trace as a constant.
+        named = [*loss_module.named_parameters(), *loss_module.named_buffers()]
+        self._names, self._params = zip(*named, strict=True)
         self._traces: dict[tuple, object] = {}
 
     def forward(self, x: Tensor, idx: Tensor, num_data: int) -> Tensor:

@@ -112,6 +112,10 @@ def fails_in_one_line(argv, capsys, *expected):
     (["fit", "--checkpoint-every", "0"], "--checkpoint-every"),
     (["fit", "--model", "ppca", "--likelihood", "gaussian"], "--likelihood"),
     (["fit", "--model", "fa", "--likelihood", "bernoulli"], "--likelihood"),
+    (["fit", "--particles", "0"], "--particles"),
+    (["fit", "--kl-warmup", "-1"], "--kl-warmup"),
+    (["fit", "--model", "ppca", "--binarize", "dynamic"], "--binarize dynamic"),
+    (["fit", "--dataset", "binarized_mnist", "--binarize", "dynamic"], "--binarize dynamic"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, capsys, no_training, argv, expected):
     fails_in_one_line([*argv, "--quiet", "--out", str(tmp_path)], capsys, expected)
@@ -276,3 +280,24 @@ def test_sigint_writes_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path):
     assert "Traceback" not in err and f"ppl-vae fit --resume {out}" in err
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 9000 and f"after step {step}" in err
+
+
+def test_training_options_reach_fit_and_are_kept_for_resume(tmp_path, monkeypatch):
+    seen = {}
+    fit = cli.ppl_vae.fit
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        seen["x"] = args[2]
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(cli.ppl_vae, "fit", spy)
+    options = ["--objective", "iwae", "--particles", "3", "--kl-warmup", "5",
+               "--lr-schedule", "cosine", "--binarize", "dynamic"]
+    cli.run(["fit", *TINY, *options, "--out", str(tmp_path)])
+    assert (seen["objective"], seen["num_particles"], seen["kl_warmup"]) == ("iwae", 3, 5)
+    assert (seen["lr_schedule"], seen["binarize"]) == ("cosine", "dynamic")
+    # dynamic binarization trains on the intensities, which fit redraws
+    assert ((seen["x"] > 0) & (seen["x"] < 1)).any()
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert config["objective"] == "iwae" and config["binarize"] == "dynamic"
