@@ -6,6 +6,7 @@ weights and random binary data (the speed does not depend on the values):
 
 - ``log_marginal`` with K importance samples (points/s);
 - ``ais`` with T steps x C chains (points/s);
+- ``fit_local`` (diagonal local guides, ``--local-steps`` steps; points/s);
 - ``fit`` with batch 100 (steps/s; DDP over the global minibatch with 2 processes).
 
 Each measurement is the best of ``--repeats``; the 2-process figure is the slower
@@ -47,6 +48,9 @@ def measure(args) -> dict:
         "ais": lambda: ppl_vae.ais(model, x, proposal=guide, num_steps=args.ais_steps,
                                    num_chains=args.ais_chains, seed=0,
                                    progress=False).log_marginal,
+        # Each rank fits its own rows of the local guides.
+        "fit_local": lambda: ppl_vae.fit_local(model, x, "diag", steps=args.local_steps,
+                                               tol=0.0, seed=0, progress=False).loc,
         # DDP over one global minibatch of 100: "points" below are optimizer steps.
         "fit": lambda: torch.tensor(ppl_vae.fit(model, guide, x, num_steps=args.fit_steps,
                                                 batch_size=100, seed=0,
@@ -82,6 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ais-steps", type=int, default=20)
     parser.add_argument("--ais-chains", type=int, default=16)
     parser.add_argument("--fit-steps", type=int, default=100)
+    parser.add_argument("--local-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="runs/scaling")

@@ -31,8 +31,9 @@ def rank_and_size() -> tuple[int, int]:
 def local_only():
     """Inside, every rank computes everything alone, as one process would.
 
-    For work whose result must equal a one-process call bit for bit but whose random
-    draws are not tied to rows (a local guide's SVI fit): every rank runs it whole.
+    For work whose result must equal a one-process call but whose random draws are not
+    tied to rows (``refine``'s SVI), and for work that splits its rows by hand
+    (``fit_local``, see :mod:`ppl_vae.local_elbo`), fit's own sharding is switched off.
     """
     previous = _LOCAL_ONLY[0]
     _LOCAL_ONLY[0] = True
@@ -87,6 +88,16 @@ def agree(value: float, flag: bool) -> tuple[float, bool]:
     both = torch.tensor([value, float(flag)], dtype=torch.float64, device=_backend_device())
     dist.all_reduce(both)
     return float(both[0]) / rank_and_size()[1], bool(both[1] > 0)
+
+
+def summed_over_group(value: float) -> float:
+    """The sum of ``value`` over every rank of the process group, even inside
+    :func:`local_only` (for work that a caller splits over ranks by hand in there)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_backend_device())
+    dist.all_reduce(total)
+    return float(total[0])
 
 
 def wrapped(loss_module: torch.nn.Module) -> torch.nn.Module:

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.ais import ais_checked
-from ppl_vae.distributed import local_only
+from ppl_vae.distributed import local_only, summed_over_group
 from ppl_vae.estimators import (
     _mean_se,
     check_guide,
@@ -47,6 +47,7 @@ from ppl_vae.guides.local import (
     LocalFull,
     family_of,
 )
+from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
 from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
 from ppl_vae.train import FitResult, fit, fit_checked
@@ -103,6 +104,10 @@ def fit_local(
     parameter, and Adam scales every parameter's step separately, one vectorized fit
     behaves like N independent ones. Gradients average ``num_particles`` samples
     (vectorized ``Trace_ELBO``).
+
+    Under torch.distributed each rank fits every world_size-th row and the rows are
+    gathered at the end (:mod:`ppl_vae.local_elbo`): the same guide as one process, up
+    to float rounding.
 
     Convergence: every ``window`` steps the mean ELBO of the last window is compared
     with that of the window before; when it rose by less than ``tol`` nats per
@@ -575,16 +580,20 @@ def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_s
     batch_size = len(x) if batch_size is None else min(positive_int(batch_size, "batch_size"),
                                                        len(x))
     schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
-    loss = _particle_elbo(num_particles)
     guide = _initial_local(model, x, family, init_from, seed=seed)
-    # Under torch.distributed every rank runs the whole local fit: its draws are not tied
-    # to rows, so sharding it would change the result (see ppl_vae.distributed).
+    # Under torch.distributed each rank fits its own rows (see ppl_vae.local_elbo), with
+    # fit's own sharding (DDP, minibatch shares) switched off by local_only; the plateau
+    # rule reads the ELBO summed over ranks, so every rank decays and stops alike.
+    owned = owned_rows(len(x), x.device)
+    loss = LocalELBO(positive_int(num_particles, "num_particles"), guide.space.names, owned)
+    callback = schedule if owned is None else _Summed(schedule)
     with local_only():
         result: FitResult = fit_checked(
             model, guide, x, batch_size=batch_size, total=steps,
             optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
-            train_model=False, callback=schedule,
+            train_model=False, callback=callback, jit=owned is None,
         )
+    gather_rows(guide, owned)
     return guide, result
 
 
@@ -695,6 +704,16 @@ def _particle_elbo(num_particles: int) -> Trace_ELBO:
         vectorize_particles=True,
         max_plate_nesting=1,
     )
+
+
+class _Summed:
+    """A callback that reads the ELBO summed over ranks (each rank has its rows' share)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, step: int, elbo: float) -> bool:
+        return self.callback(step, summed_over_group(elbo))
 
 
 class _Plateau:

@@ -30,6 +30,10 @@ def evaluate() -> dict:
                          progress=False)
     report = ppl_vae.gaps(model, guide, x, num_samples=30, local_steps=60, seed=3,
                           progress=False, log_px="ais", ais_steps=4, ais_chains=2)
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: rows_seen.append(len(args[0])))
+    local = ppl_vae.fit_local(model, x, "flow", steps=40, seed=3, progress=False)
+    hook.remove()
     xs, latents = ppl_vae.sample_from_model(model, 20, seed=4)
     sandwich = ppl_vae.bdmc(model, xs, latents, num_steps=4, num_chains=2, seed=3,
                             progress=False)
@@ -43,6 +47,8 @@ def evaluate() -> dict:
         "khat": d.khat,
         "ais": result.log_weights,
         "ais_acceptance": result.acceptance,
+        **{f"local_{name}": value for name, value in local.state_dict().items()},
+        "local_rows_seen": torch.tensor(rows_seen).median(),
     }
 
 
@@ -70,6 +76,9 @@ def test_two_processes_give_every_rank_the_one_process_result(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got.pop("share").tolist() == list(range(5))[rank::2]  # the work was split
+        # ... the local fit's too: each rank's steps ran the model on half of the 37 rows
+        assert got.pop("local_rows_seen") in (18, 19)
+        expected.pop("local_rows_seen", None)
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, equal_nan=True,
                                        msg=f"rank {rank}, {name}")

@@ -1,0 +1,91 @@
+"""The loss of a local guide's fit, with its rows shared out over torch.distributed ranks.
+
+A local guide has one set of parameters per datapoint and the ELBO is a sum over
+datapoints, so row n's parameters get the gradient of row n's term only; Adam updates
+each element on its own. So rows can be fitted by different processes, provided each
+row sees the same random draws as in one process. Here every rank traces the guide on
+the whole minibatch (a cheap draw: the same global random stream on every rank, seeded
+alike), and evaluates the expensive model only on the rows it owns. The rows it does not
+own get a zero gradient, and Adam leaves a parameter whose gradients were always zero
+exactly where it started; after the fit, :func:`gather_rows` assembles the rows of
+every rank. The result equals a one-process fit up to the rounding of the model's
+arithmetic on fewer rows.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from torch import Tensor, nn
+
+from ppl_vae.densities import log_density
+from ppl_vae.distributed import gathered, rank_and_size
+
+
+def owned_rows(num_data: int, device=None) -> Tensor | None:
+    """Which dataset rows this rank fits, BoolTensor (num_data,): every world-size-th,
+    from its rank. None without torch.distributed (all rows)."""
+    rank, world = rank_and_size()
+    if world == 1:
+        return None
+    return torch.arange(num_data, device=device) % world == rank
+
+
+class LocalELBO(ELBO):
+    """``Trace_ELBO`` with vectorized particles, over the rows in ``owned``.
+
+    Parameters
+    ----------
+    num_particles : int
+    latent_names : list of str
+        The model's latent sites (the guide's sites of the same names are conditioned on).
+    owned : BoolTensor of shape (num_data,), optional
+        Rows whose terms enter the loss; all when None.
+    """
+
+    def __init__(self, num_particles: int, latent_names: list[str], owned: Tensor | None):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1,
+                         vectorize_particles=True)
+        self.latent_names, self.owned = list(latent_names), owned
+
+    def differentiable_loss(self, model, guide, x, idx=None, num_data=None) -> Tensor:
+        """Minus this rank's share of the ELBO, scaled to the whole dataset."""
+        k, batch = self.num_particles, len(x)
+        with pyro.plate("particles", k, dim=-2):
+            guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+        log_q = log_density(guide_trace, (k, batch))
+        values = {name: guide_trace.nodes[name]["value"] for name in self.latent_names}
+        if self.owned is not None:
+            keep = self.owned[idx]
+            if not bool(keep.any()):  # nothing of this minibatch is ours
+                return log_q.sum() * 0.0
+            log_q, x, idx = log_q[:, keep], x[keep], idx[keep]
+            values = {name: value[:, keep] for name, value in values.items()}
+        with pyro.plate("particles", k, dim=-2):
+            conditioned = poutine.condition(model, data=values)
+            model_trace = poutine.trace(conditioned).get_trace(x, idx, num_data)
+        log_p = log_density(model_trace, (k, len(x)))
+        return -(log_p - log_q).mean(0).sum() * (num_data / batch)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("LocalELBO draws its particles in differentiable_loss")
+
+
+def gather_rows(guide: nn.Module, owned: Tensor | None) -> None:
+    """Give every rank every row of ``guide``'s per-datapoint parameters, in place."""
+    if owned is None:
+        return
+    with torch.no_grad():
+        for param in guide.parameters():
+            param.copy_(gathered(param, owned, dim=0))
