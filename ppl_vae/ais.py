@@ -36,8 +36,10 @@ randomness independent of them, and each real weight stays unbiased.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -168,6 +170,7 @@ class _Settings:
     adapt: bool
     seed: int
     progress: bool
+    jit: bool = True
 
 
 @module_local
@@ -188,6 +191,7 @@ def ais(
     num_data: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    jit: bool = True,
 ) -> AISResult:
     """log p(x) per datapoint by annealed importance sampling with HMC transitions.
 
@@ -227,6 +231,14 @@ def ais(
         The chains of row n depend only on ``seed`` and ``idx[n]``.
     progress : bool
         Show a progress bar with beta and the acceptance rate.
+    jit : bool
+        Trace the potential (log q and log p(x, z) as functions of u) once per chunk of
+        rows with ``torch.jit.trace`` and replay it without Pyro's per-call Python
+        (about 5% of a gradient on the MNIST VAE). The first call is compared with the
+        plain potential; a model the trace does not reproduce (random ops, structure
+        that changes between calls) falls back to the plain path with a warning. A
+        Python branch on the latents' values cannot be seen that way: pass False.
+        float64 data always run plainly (exactness first).
 
     Returns
     -------
@@ -234,7 +246,7 @@ def ais(
     """
     x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
-        target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress,
+        target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress, jit,
     )
     return _run(model, proposal, space, x, idx, num_data, betas, settings, reverse_from=None)
 
@@ -256,6 +268,7 @@ def bdmc(
     schedule: str | Sequence[float] = "sigmoid",
     seed: int | None = None,
     progress: bool = True,
+    jit: bool = True,
 ) -> BDMCResult:
     """Sandwich log p(x) between forward and reverse AIS on simulated data.
 
@@ -279,7 +292,7 @@ def bdmc(
     """
     x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
-        target_accept, adapt, pilot_chains, schedule, None, None, seed, progress,
+        target_accept, adapt, pilot_chains, schedule, None, None, seed, progress, jit,
     )
     exact = space.flatten(_checked_latents(latents, space, x))
     forward = _run(model, proposal, space, x, idx, num_data, betas, settings, None)
@@ -328,7 +341,8 @@ def schedule_betas(schedule: str | Sequence[float], num_steps: int) -> Tensor:
 
 
 def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
-             target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress):
+             target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress,
+             jit=True):
     """Every argument, the model's latent space and the proposal, checked before work."""
     x = as_data(x, model)
     idx, num_data = check_rows(x, idx, num_data)
@@ -347,6 +361,7 @@ def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_siz
         adapt=bool(adapt),
         seed=base_seed(check_seed(seed)),
         progress=progress,
+        jit=bool(jit),
     )
     space = check_structure(model, x, idx, num_data)
     if proposal is not None:
@@ -390,10 +405,11 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
     chunks = list(_chunks(mine, rows_per_chunk)) if mine else []
     bar = tqdm(total=len(chunks) * (len(betas) - 1), disable=not settings.progress,
                desc="AIS" if reverse_from is None else "reverse AIS", unit="step")
-    with caller_rng_kept(), pyro.validation_enabled(False):
+    with caller_rng_kept(), pyro.validation_enabled(False), _no_param_grads(model, guide):
         for chunk in chunks:
             rows = torch.cat([b.rows for b in chunk]).to(x.device)
-            target = _Target(model, guide, space, x[rows], idx[rows], num_data)
+            target = _Target(model, guide, space, x[rows], idx[rows], num_data,
+                             jit=settings.jit)
             exact = None if reverse_from is None else reverse_from[rows]
             out = _anneal(target, chunk, betas, settings, exact, bar)
             real = torch.cat([b.real for b in chunk]).to(x.device)
@@ -435,10 +451,14 @@ def _result(log_w, acceptance, step_size, num_steps, seconds, upper: bool) -> AI
 class _Target:
     """log q(u), log p(x, u) and the gradient of the path's log f_beta for one chunk."""
 
-    def __init__(self, model, guide, space: LatentSpace, x, idx, num_data):
+    def __init__(self, model, guide, space: LatentSpace, x, idx, num_data, jit=False):
         self.model, self.guide, self.space = model, guide, space
         self.x, self.idx, self.num_data = x, idx, num_data
         self.q = None if guide is None else _fixed_distribution(guide, space, x, idx)
+        # The traced potential, by the shape of u; False once tracing has failed. Only
+        # in float32, where it pays: in float64 the traced arithmetic differed from the
+        # plain one by 3e-8 nats on a PPCA, beyond float64 rounding.
+        self._traced: dict | bool = {} if jit and x.dtype == torch.float32 else False
 
     def initial(self, chains: int) -> Tensor:
         """u of shape (chains, B, d) drawn from the initial distribution."""
@@ -454,6 +474,36 @@ class _Target:
 
     def parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(log q(u), log p(x, u)), each of shape (C, B), in the unconstrained space."""
+        if self._traced is not False:
+            traced = self._traced.get(u.shape)
+            if traced is None:
+                traced = self._traced[u.shape] = self._trace(u)
+            if traced is not False:
+                return traced(u)
+            self._traced = False
+        return self._plain_parts(u)
+
+    def _trace(self, u: Tensor):
+        """The potential traced at u's shape, checked against the plain one; or False."""
+        probe = u.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                traced = torch.jit.trace(self._plain_parts, (probe,), check_trace=False)
+                got, expected = traced(probe), self._plain_parts(probe)
+            except Exception as error:  # noqa: BLE001 - any failure means: run it plainly
+                warnings.warn(f"the AIS potential could not be traced ({error}); running "
+                              "it plainly", stacklevel=6)
+                return False
+        if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-4, equal_nan=True)
+                   for a, b in zip(got, expected, strict=True)):
+            warnings.warn("the traced AIS potential differs from the plain one (random ops "
+                          "or a structure that changes between calls?); running it plainly "
+                          "(pass jit=False to skip tracing)", stacklevel=6)
+            return False
+        return traced
+
+    def _plain_parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
         log_prior, log_lik = log_joint(self.model, self.space, self.x, self.idx,
                                        self.num_data, u)
         log_p = log_prior + log_lik
@@ -478,6 +528,20 @@ class _Target:
             log_f = (1.0 - beta) * log_q + beta * log_p
             (grad,) = torch.autograd.grad(log_f.sum(), u)
         return log_q.detach(), log_p.detach(), grad
+
+
+@contextlib.contextmanager
+def _no_param_grads(*modules):
+    """AIS differentiates with respect to the latents only: the parameters of model and
+    guide leave the autograd graph (and can be constants of a traced potential)."""
+    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):

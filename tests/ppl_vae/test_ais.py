@@ -10,8 +10,8 @@ import torch
 from pyro.nn import PyroModule
 
 import ppl_vae
-from ppl_vae.guides import ExactPosterior, LinearEncoder
-from ppl_vae.models import PPCA, FactorAnalysis
+from ppl_vae.guides import ExactPosterior, LinearEncoder, MLPEncoder
+from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.models.blocks import data_plate
 from tests.conftest import draw
 
@@ -257,3 +257,38 @@ def test_bdmc_refuses_latents_that_miss_a_site_or_have_the_wrong_shape(ppca):
 def test_the_sigmoid_schedule_runs_from_exactly_zero_to_one():
     betas = ais_module.schedule_betas("sigmoid", 100)
     assert betas[0] == 0 and betas[-1] == 1 and (betas.diff() > 0).all()
+
+
+def small_vae():
+    torch.manual_seed(0)
+    model, guide = VAE(64, 3, hidden=(32,)), MLPEncoder(64, 3, hidden=(32,))
+    x = ppl_vae.load_dataset("digits", split="test", binarize="static", limit=20)
+    return model, guide, x
+
+
+def test_the_traced_potential_gives_the_plain_potentials_numbers():
+    model, guide, x = small_vae()
+    runs = [ppl_vae.ais(model, x, proposal=guide, num_steps=15, num_chains=3, seed=1,
+                        progress=False, jit=jit) for jit in (True, False)]
+    torch.testing.assert_close(runs[0].log_weights, runs[1].log_weights, rtol=1e-5,
+                               atol=1e-4)
+    assert all(p.requires_grad for p in (*model.parameters(), *guide.parameters()))
+
+
+class NoisyVAE(VAE):
+    """A model whose density has a random op: a trace would freeze one draw of it."""
+
+    def forward(self, x, idx=None, num_data=None):
+        with pyro.plate("data", num_data or len(x), subsample=idx, dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros(self.latent_dim),
+                                             1.0).to_event(1))
+            logits = self.decoder(z) + 0.1 * torch.randn(())
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def test_a_potential_the_trace_cannot_hold_runs_plainly_with_a_warning():
+    torch.manual_seed(0)
+    model = NoisyVAE(64, 3, hidden=(32,))
+    x = ppl_vae.load_dataset("digits", split="test", binarize="static", limit=20)
+    with pytest.warns(UserWarning, match="traced AIS potential differs"):
+        ppl_vae.ais(model, x, num_steps=3, num_chains=2, seed=1, progress=False)
