@@ -17,11 +17,11 @@ from __future__ import annotations
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO
 from torch import Tensor, nn
 
 from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered, rank_and_size
+from ppl_vae.objectives import DifferentiableELBO
 
 
 def owned_rows(num_data: int, device=None) -> Tensor | None:
@@ -33,7 +33,7 @@ def owned_rows(num_data: int, device=None) -> Tensor | None:
     return torch.arange(num_data, device=device) % world == rank
 
 
-class LocalELBO(ELBO):
+class LocalELBO(DifferentiableELBO):
     """``Trace_ELBO`` with vectorized particles, over the rows in ``owned``.
 
     Parameters
@@ -68,18 +68,6 @@ class LocalELBO(ELBO):
             model_trace = poutine.trace(conditioned).get_trace(x, idx, num_data)
         log_p = log_density(model_trace, (k, len(x)))
         return -(log_p - log_q).mean(0).sum() * (num_data / batch)
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss)
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError("LocalELBO draws its particles in differentiable_loss")
 
 
 def gather_rows(guide: nn.Module, owned: Tensor | None) -> None:

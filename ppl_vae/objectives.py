@@ -104,7 +104,28 @@ class Warmup:
         self.guide.beta.fill_(beta)
 
 
-class IWAE(ELBO):
+class DifferentiableELBO(ELBO):
+    """A Pyro ELBO defined by its ``differentiable_loss`` alone (which draws its own
+    particles); ``fit`` calls it through ``ELBO.__call__``'s module."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError(f"{type(self).__name__} draws its particles in "
+                                  "differentiable_loss")
+
+
+class IWAE(DifferentiableELBO):
     """The importance-weighted autoencoder bound with ``num_particles`` samples.
 
     Per datapoint, ``log (1/K) sum_k w_k`` with ``log w_k = log p(x, z_k) - log q(z_k)``
@@ -137,17 +158,6 @@ class IWAE(ELBO):
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
         return -bound.sum() * scale
 
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError("IWAE draws its particles in differentiable_loss")
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss)
 
 
 def _subsample_scale(trace) -> float:
