@@ -216,6 +216,7 @@ def _print(results: dict, args) -> None:
         if key.startswith(("ais/", "is/")):
             print(f"| {key} | {r['log_marginal']:.2f} | {r['log_marginal_se']:.2f} | "
                   f"{r['per_point_seconds']:.2f} |")
+    _print_paired(results)
     print("\n| BDMC steps | lower | upper | sandwich | s/point |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for key, r in results.items():
@@ -226,6 +227,24 @@ def _print(results: dict, args) -> None:
         s = results["speed"]
         print(f"\nais() / plain loop: {s['ratio']:.2f}x; over the GEMM bound: library "
               f"{s['library_over_gemm']:.1f}x, plain {s['plain_over_gemm']:.1f}x")
+
+
+def _print_paired(results: dict) -> None:
+    """Each AIS row against the fewest-steps row of the same step-size rule, point by
+    point (the spread over points cancels): the change and its standard error."""
+    rows = [(k, r) for k, r in results.items() if k.startswith("ais/") and "per_point" in r]
+    if len(rows) < 2:
+        return
+    print("\n| AIS rule | steps | change from the fewest steps, paired (se) |")
+    print("| --- | ---: | ---: |")
+    for rule in ("adapt", "fixed"):
+        same = sorted((r["num_steps"], torch.tensor(r["per_point"])) for k, r in rows
+                      if k.endswith(rule))
+        for steps, values in same[1:]:
+            diff = values - same[0][1]
+            se = float(diff.std() / math.sqrt(len(diff)))
+            print(f"| {rule} | {steps} | {float(diff.mean()):+.3f} ({se:.3f}) vs "
+                  f"{same[0][0]} |")
 
 
 if __name__ == "__main__":
