@@ -23,6 +23,7 @@ import torch
 
 import ppl_vae
 from benchmarks.store import Store
+from ppl_vae.cli import load_checkpoint
 from ppl_vae.data import load_dataset
 from ppl_vae.guides import MLPEncoder
 from ppl_vae.models import VAE
@@ -54,6 +55,10 @@ def main(argv=None) -> None:
                           limit=args.eval_points, seed=0)
     for name in args.recipes or RECIPES:
         _run_recipe(name, store, x_test, out, args)
+    if args.reference:  # e.g. the 200-epoch model of benchmarks/vae_mnist.py
+        model, guide, _ = load_checkpoint(args.reference)
+        store.run("reference", lambda: {"checkpoint": args.reference,
+                                        **_held_out(model, guide, x_test, args)})
     _print(store.results, args)
     _plot(store.results, out / "train_recipe.png")
 
@@ -69,6 +74,8 @@ def _parser():
     parser.add_argument("--ais-steps", type=int, default=100)
     parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference", default=None,
+                        help="a ppl-vae checkpoint to evaluate on the same points")
     parser.add_argument("--out", default="runs/train_recipe")
     return parser
 
@@ -168,6 +175,10 @@ def _print(results: dict, args) -> None:
                if final else "-")
         print(f"| {name} | {last['step']} | {last['train_seconds']:.0f} | "
               f"{last['log_marginal']:.2f} +- {last['log_marginal_se']:.2f} | {ais} |")
+    if "reference" in results:
+        r = results["reference"]
+        print(f"| {r['checkpoint']} | | | {r['log_marginal']:.2f} +- "
+              f"{r['log_marginal_se']:.2f} | |")
 
 
 def _curve(results: dict, name: str) -> list[dict]:
