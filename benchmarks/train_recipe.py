@@ -15,6 +15,7 @@ each recipe keeps a checkpoint and each measurement is stored) and train_recipe.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -59,8 +60,12 @@ def main(argv=None) -> None:
         model, guide, _ = load_checkpoint(args.reference)
         store.run("reference", lambda: {"checkpoint": args.reference,
                                         **_held_out(model, guide, x_test, args)})
-    _print(store.results, args)
-    _plot(store.results, out / "train_recipe.png")
+    results = dict(store.results)
+    for path, label in args.merge or []:  # another run's results, e.g. a longer budget
+        other = json.loads(Path(path).read_text())
+        results.update({k.replace("/", f", {label}/", 1): v for k, v in other.items()})
+    _print(results, args)
+    _plot(results, out / "train_recipe.png")
 
 
 def _parser():
@@ -74,6 +79,8 @@ def _parser():
     parser.add_argument("--ais-steps", type=int, default=100)
     parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", nargs=2, action="append", metavar=("JSON", "LABEL"),
+                        help="also show another run's results, its recipes named + LABEL")
     parser.add_argument("--reference", default=None,
                         help="a ppl-vae checkpoint to evaluate on the same points")
     parser.add_argument("--out", default="runs/train_recipe")
@@ -165,7 +172,7 @@ def _print(results: dict, args) -> None:
           f"thread); held-out log p(x), published {PUBLISHED}")
     print("| recipe | steps | train s | IS log p(x) | AIS log p(x) (IS, same points) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name in RECIPES:
+    for name in _names(results):
         curve = _curve(results, name)
         final = results.get(f"{name}/final")
         if not curve:
@@ -181,6 +188,12 @@ def _print(results: dict, args) -> None:
               f"{r['log_marginal_se']:.2f} | |")
 
 
+def _names(results: dict) -> list[str]:
+    """Recipes with measurements, in the order they were run (a merged longer run of a
+    recipe under another name included)."""
+    return list(dict.fromkeys(k.split("/step")[0] for k in results if "/step" in k))
+
+
 def _curve(results: dict, name: str) -> list[dict]:
     rows = [r for k, r in results.items() if k.startswith(f"{name}/step")]
     return sorted(rows, key=lambda r: r["step"])
@@ -193,7 +206,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in RECIPES:
+    for name in _names(results):
         curve = _curve(results, name)
         if curve:
             ax.plot([r["train_seconds"] / 60 for r in curve],
