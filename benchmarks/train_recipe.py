@@ -212,6 +212,8 @@ def _plot(results: dict, path: Path) -> None:
             ax.plot([r["train_seconds"] / 60 for r in curve],
                     [r["log_marginal"] for r in curve], marker="o", label=name)
     ax.axhline(PUBLISHED, color="k", ls="--", lw=1, label=f"published ({PUBLISHED})")
+    # A recipe that failed (far below) would squash the others: it is cut off.
+    ax.set_ylim(max(ax.get_ylim()[0], PUBLISHED - 20), PUBLISHED + 3)
     ax.set_xlabel("training time (minutes, evaluation excluded)")
     ax.set_ylabel("held-out log p(x), IS from the encoder (nats)")
     ax.legend(fontsize=8)
