@@ -94,7 +94,9 @@ _SOURCES: dict[str, _Source] = {
 _DIGITS_SPLITS = ("train", "test")
 _DIGITS_TEST_SIZE = 300
 KNOWN_DATASETS: tuple[str, ...] = ("digits", *_SOURCES)
-_BINARIZE_MODES = (None, "static", "dynamic")
+# Intensity above which binarize="threshold" gives 1.
+THRESHOLD = 0.5
+_BINARIZE_MODES = (None, "static", "dynamic", "threshold")
 _IDX_MAGIC = {"images": 2051, "labels": 2049}
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _DOWNLOAD_TIMEOUT_S = 10.0
@@ -147,13 +149,15 @@ def load_dataset(
         ``~/.cache/ppl_vae``). In each, the subfolder named after the dataset
         (e.g. ``mnist/``) is tried before the directory itself, and the first
         directory holding every needed file is used.
-    binarize : {None, "static", "dynamic"}
+    binarize : {None, "static", "dynamic", "threshold"}
         ``None`` returns the intensities. ``"static"`` draws Bernoulli(x) once with a
         ``torch.Generator`` seeded by ``seed``: the same binary data on every call,
         and the same pixels for a row whatever ``limit`` is. ``"dynamic"`` returns the
         intensities unchanged: pass ``binarize="dynamic"`` to ``ppl_vae.fit``, which
         redraws a Bernoulli sample for each minibatch (see :func:`dynamic_binarize`).
-        On ``binarized_mnist`` binarizing changes nothing.
+        ``"threshold"`` sets a pixel to 1 where its intensity exceeds 0.5
+        (``THRESHOLD``), as Cremer et al. binarize Fashion-MNIST. On
+        ``binarized_mnist`` binarizing changes nothing.
     limit : int, optional
         Return a fixed random subset of ``limit`` rows (chosen by an rng seeded by
         ``seed``, kept in dataset order), never a prefix. All rows if ``limit >= N``.
@@ -189,6 +193,8 @@ def load_dataset(
         x = x if rows is None else x[torch.from_numpy(rows)]
     else:
         x = _to_unit(images if rows is None else images[rows], scale)
+        if binarize == "threshold":
+            x = (x > THRESHOLD).to(x.dtype)
     if not return_labels:
         return x
     y = labels if rows is None else labels[rows]

@@ -364,3 +364,10 @@ def test_sample_from_model_bad_input():
 
     with pytest.raises(ValueError, match="site named 'x'"):
         sample_from_model(NoX(), 5)
+
+
+def test_threshold_binarization_sets_pixels_above_one_half():
+    x = load_dataset("digits", "train", limit=50)
+    b = load_dataset("digits", "train", limit=50, binarize="threshold")
+    assert torch.equal(b, (x > 0.5).float())
+    assert 0 < b.mean() < 1
