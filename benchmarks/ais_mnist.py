@@ -25,13 +25,12 @@ import argparse
 import importlib
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import ppl_vae
-from benchmarks.store import Store
+from benchmarks.store import opened
 from ppl_vae.cli import load_checkpoint
 from ppl_vae.data import load_dataset
 
@@ -41,15 +40,12 @@ PILOT_CHAINS = 4  # ais()'s default
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+    out, store = opened(args, "ais_mnist.json")
     model, encoder, _ = load_checkpoint(args.checkpoint)
     for p in (*model.parameters(), *encoder.parameters()):
         p.requires_grad_(False)
     x = load_dataset("binarized_mnist", "test", root=args.data_root, limit=args.points,
                      seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "ais_mnist.json")
     for steps in args.steps:
         for adapt in (True, False):
             key = f"ais/{steps}/{'adapt' if adapt else 'fixed'}"

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import ppl_vae
-from benchmarks.store import Store
+from benchmarks.store import Store, opened
 from ppl_vae import GapReport, pareto_khat
 from ppl_vae.guides import FlowEncoder, MLPEncoder
 from ppl_vae.models import VAE
@@ -74,10 +74,7 @@ ROWS = (
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "results.json")
+    out, store = opened(args, "results.json")
     if args.print_only:
         print_tables(store.results, args)
         return

@@ -30,3 +30,14 @@ class Store:
         tmp.replace(self.path)
         brief = {k: v for k, v in value.items() if not isinstance(v, (list, dict))}
         print(key, json.dumps(brief), flush=True)
+
+
+def opened(args, filename: str) -> tuple[Path, Store]:
+    """A benchmark's start: ``args.threads`` torch threads, the folder ``args.out``
+    created, and the Store of ``filename`` in it."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, Store(out / filename)

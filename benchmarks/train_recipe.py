@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import ppl_vae
-from benchmarks.store import Store
+from benchmarks.store import opened
 from ppl_vae.cli import load_checkpoint
 from ppl_vae.data import load_dataset
 from ppl_vae.guides import MLPEncoder
@@ -48,10 +48,7 @@ BATCH = 100
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "train_recipe.json")
+    out, store = opened(args, "train_recipe.json")
     x_test = load_dataset("binarized_mnist", "test", root=args.data_root,
                           limit=args.eval_points, seed=0)
     for name in args.recipes or RECIPES:
@@ -150,9 +147,8 @@ class _Clock:
 
 
 def _held_out(model, guide, x_test, args) -> dict:
-    d = ppl_vae.diagnostics(model, guide, x_test, args.eval_samples, seed=0)
-    return {"log_marginal": d.summary()["log_marginal"],
-            "log_marginal_se": d.summary()["log_marginal_se"], "elbo": d.summary()["elbo"]}
+    summary = ppl_vae.diagnostics(model, guide, x_test, args.eval_samples, seed=0).summary()
+    return {key: summary[key] for key in ("log_marginal", "log_marginal_se", "elbo")}
 
 
 def _ais(model, guide, x, args) -> dict:

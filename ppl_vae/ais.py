@@ -36,7 +36,6 @@ randomness independent of them, and each real weight stays unbiased.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -56,7 +55,7 @@ from ppl_vae.estimators import check_guide, check_rows, check_structure
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.seeding import generator as block_generator
-from ppl_vae.settings import module_local
+from ppl_vae.settings import frozen, module_local
 from ppl_vae.validation import as_data, positive_int
 
 SCHEDULES = ("linear", "sigmoid")
@@ -405,7 +404,9 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
     chunks = list(_chunks(mine, rows_per_chunk)) if mine else []
     bar = tqdm(total=len(chunks) * (len(betas) - 1), disable=not settings.progress,
                desc="AIS" if reverse_from is None else "reverse AIS", unit="step")
-    with caller_rng_kept(), pyro.validation_enabled(False), _no_param_grads(model, guide):
+    # AIS differentiates with respect to the latents only: the parameters leave the
+    # autograd graph (and can be constants of a traced potential).
+    with caller_rng_kept(), pyro.validation_enabled(False), frozen(model, guide):
         for chunk in chunks:
             rows = torch.cat([b.rows for b in chunk]).to(x.device)
             target = _Target(model, guide, space, x[rows], idx[rows], num_data,
@@ -528,20 +529,6 @@ class _Target:
             log_f = (1.0 - beta) * log_q + beta * log_p
             (grad,) = torch.autograd.grad(log_f.sum(), u)
         return log_q.detach(), log_p.detach(), grad
-
-
-@contextlib.contextmanager
-def _no_param_grads(*modules):
-    """AIS differentiates with respect to the latents only: the parameters of model and
-    guide leave the autograd graph (and can be constants of a traced potential)."""
-    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):

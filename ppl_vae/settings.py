@@ -8,6 +8,7 @@ behaves, so each public entry point switches it on for its own call only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -57,3 +58,17 @@ def _ready_for_local_params(value) -> None:
         context = getattr(module, "_pyro_context", None)
         if context is not None and not hasattr(context, "param_state"):
             context.param_state = {"params": {}, "constraints": {}}
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Switch off the gradients of the modules' parameters for the length of a block
+    (``None`` entries are skipped); each parameter's ``requires_grad`` comes back after."""
+    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

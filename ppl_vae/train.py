@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -27,7 +26,7 @@ from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.estimators import check_guide_covers
 from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
 from ppl_vae.seeding import check_seed
-from ppl_vae.settings import module_local
+from ppl_vae.settings import frozen, module_local
 from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -241,14 +240,15 @@ def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     params = list((loss_fn if train_model else guide).parameters())
     opt = _make_optimizer(optimizer, params, lr)
     run = _Training(model, guide, opt, params, _Batches(num_data, batch_size, seed, x.device),
-                    total, signature)
-    run.warmup, run.lr_schedule = warmup, lr_schedule
+                    total, signature, warmup=warmup, lr_schedule=lr_schedule)
     if resume:
         run.load_state_dict(checkpoint_load(saver.path, _KEYS), saver.path)
     rank = rank_and_size()[0]
     if rank != 0:  # one progress bar and one writer of checkpoints
         progress, saver = False, _Saver(None, None, {})
-    with _frozen(model, not train_model), pyro.validation_enabled(False), _Signals() as signals:
+    # The model's gradients are off while the guide is fitted alone.
+    model_frozen = frozen(None if train_model else model)
+    with model_frozen, pyro.validation_enabled(False), _Signals() as signals:
         # Wrapped once the model is frozen: DDP syncs only what requires grad.
         run.loss_fn = wrapped(TracedLoss(loss_fn) if jit else loss_fn)
         _loop(run, x, as_seen, callback, saver, signals, progress)
@@ -480,11 +480,11 @@ class _Training:
     """What changes while fitting: one step forward, and a state to save or restore."""
 
     def __init__(self, model, guide, opt, params, batches: _Batches, total: int,
-                 signature: dict):
+                 signature: dict, warmup: Warmup | None = None, lr_schedule="constant"):
         self.model, self.guide, self.opt, self.params = model, guide, opt, params
         self.batches, self.total, self.signature = batches, total, signature
         self.loss_fn = None
-        self.warmup, self.lr_schedule = None, "constant"
+        self.warmup, self.lr_schedule = warmup, lr_schedule
         self.step = 0
         self.history: list[float] = []
         self.seconds: list[float] = []
@@ -628,17 +628,3 @@ class _Saver:
         return atomic_save({**self.extra, **run.state_dict()}, self.path)
 
 
-@contextlib.contextmanager
-def _frozen(model, freeze: bool):
-    """Switch off the model's gradients while the guide is fitted alone."""
-    if not freeze:
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
