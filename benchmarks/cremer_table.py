@@ -89,19 +89,42 @@ def measure_model(store: Store, ds: str, enc: str, args, out: Path) -> None:
     tag = model_tag(ds, enc, args)
     model, encoder = build(enc, ds, args)
     store.run(f"{tag}/train", partial(train, model, encoder, ds, tag, args, out))
+    if args.train_only:
+        return
     load_trained(model, encoder, _weights_path(out, tag))
     for p in (*model.parameters(), *encoder.parameters()):
         p.requires_grad_(False)
     x, n_train = eval_data(ds, args)
     etag = f"{tag}/n{args.points}"
-    store.run(f"{etag}/local", partial(local_fits, model, encoder, x, etag, args, out))
-    atag = f"{etag}/ais{args.ais_steps}x{args.ais_chains}"
-    store.run(atag, partial(ais_log_px, model, encoder, x, etag, store, args, out))
+    for family in ("diag", "flow"):
+        store.run(f"{etag}/local/{family}",
+                  partial(local_fit, model, encoder, x, family, etag, args, out))
+    store.run(f"{etag}/local", partial(local_elbos, model, encoder, x, etag, store, args, out))
+    atag = f"{etag}/{ais_tag(args)}"
+    proposal = ais_proposal(store.results[f"{etag}/local"], args)
+    guide = encoder if proposal == "amortized" else _local_guide(out, etag, proposal)
+    # AIS in chunks of rows, each stored as it finishes: a stopped run loses one chunk.
+    for start in range(0, len(x), args.ais_chunk):
+        rows = slice(start, min(start + args.ais_chunk, len(x)))
+        store.run(f"{atag}/rows{rows.start}-{rows.stop}",
+                  partial(ais_log_px, model, guide, x[rows], args))
+    store.run(atag, partial(joined_chunks, store.results, atag, len(x), proposal, args))
     for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
         store.run(f"{atag}/{split}", partial(table_entry, store.results[f"{etag}/local"],
                                              store.results[atag], rows, enc, args))
     btag = f"{tag}/bdmc{args.bdmc_points}/ais{args.bdmc_steps}x{args.ais_chains}"
     store.run(btag, partial(bdmc, model, encoder, args))
+
+
+def ais_tag(args) -> str:
+    """The AIS budget in a key; the proposal is named unless it is the default "best"."""
+    proposal = "" if args.ais_proposal == "best" else f"-{args.ais_proposal}"
+    return f"ais{args.ais_steps}x{args.ais_chains}{proposal}"
+
+
+def ais_proposal(local: dict, args) -> str:
+    """"amortized", "diag" or "flow": the guide AIS starts from."""
+    return local["best_local"] if args.ais_proposal == "best" else args.ais_proposal
 
 
 def _parser():
@@ -113,6 +136,8 @@ def _parser():
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-schedule", default="constant",
+                        choices=["constant", "cosine", "exponential"])
     parser.add_argument("--num-flows", type=int, default=2,
                         help="coupling layers of the flow encoder")
     parser.add_argument("--latent-dim", type=int, default=LATENT)
@@ -125,11 +150,18 @@ def _parser():
     parser.add_argument("--local-steps", type=int, default=3000)
     parser.add_argument("--ais-steps", type=int, default=500)
     parser.add_argument("--ais-chains", type=int, default=16)
+    parser.add_argument("--ais-proposal", default="best",
+                        choices=["best", "amortized", "diag", "flow"],
+                        help="the guide AIS starts from; best: the one of highest mean ELBO")
+    parser.add_argument("--ais-chunk", type=int, default=250,
+                        help="rows per stored AIS result (the unit a rerun resumes from)")
     parser.add_argument("--bdmc-points", type=int, default=20)
     parser.add_argument("--bdmc-steps", type=int, default=None,
                         help="AIS steps of BDMC (default: --ais-steps)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's protocol: 1000 points, AIS 100 chains x 10,000 steps")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or resume training) the models; measure nothing")
     parser.add_argument("--print-only", action="store_true",
                         help="print the tables of what the store holds; measure nothing")
     parser.add_argument("--threads", type=int, default=1)
@@ -157,7 +189,10 @@ class _Defaults:
 
 
 def model_tag(ds: str, enc: str, args) -> str:
-    return f"{ds}/{enc}/e{args.epochs}"
+    # The first runs (Adam 1e-3, constant) keep their short tags.
+    recipe = "" if (args.lr, args.lr_schedule) == (1e-3, "constant") else \
+        f"-lr{args.lr:g}-{args.lr_schedule}"
+    return f"{ds}/{enc}/e{args.epochs}{recipe}"
 
 
 def build(enc: str, ds: str = "mnist", args=None):
@@ -202,7 +237,8 @@ def train(model, encoder, ds, tag, args, out) -> dict:
     steps_per_epoch = math.ceil(len(x) / args.batch_size)
     start = time.perf_counter()
     result = ppl_vae.fit(model, encoder, x, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, progress=False, checkpoint=path,
+                         lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
+                         progress=False, checkpoint=path,
                          checkpoint_every=10 * steps_per_epoch, resume=path.exists())
     seconds = time.perf_counter() - start
     torch.save({"model": model.state_dict(), "encoder": encoder.state_dict()},
@@ -227,19 +263,31 @@ def load_trained(model, encoder, path) -> None:
 # ------------------------------------------------------------------ the measurements
 
 
-def local_fits(model, encoder, x, etag, args, out) -> dict:
-    """Local diag and flow guides, and the paired log weights of all three guides."""
-    seconds, guides = {}, {}
-    for family in ("diag", "flow"):
-        start = time.perf_counter()
-        guides[family] = ppl_vae.fit_local(model, x, family, init_from=encoder,
-                                           steps=args.local_steps, progress=False,
-                                           seed=args.seed)
-        seconds[f"fit_local_{family}"] = time.perf_counter() - start
-        torch.save(guides[family], out / (etag.replace("/", "_") + f"_{family}.pt"))
+def local_fit(model, encoder, x, family, etag, args, out) -> dict:
+    """One local family fitted to every row, started from the encoder, saved to a file."""
+    start = time.perf_counter()
+    guide = ppl_vae.fit_local(model, x, family, init_from=encoder, steps=args.local_steps,
+                              progress=False, seed=args.seed)
+    torch.save(guide, _local_guide_path(out, etag, family))
+    return {"family": family, "fit_seconds": time.perf_counter() - start}
+
+
+def _local_guide_path(out: Path, etag: str, family: str) -> Path:
+    return out / (etag.replace("/", "_") + f"_{family}.pt")
+
+
+def _local_guide(out: Path, etag: str, family: str):
+    return torch.load(_local_guide_path(out, etag, family), weights_only=False)
+
+
+def local_elbos(model, encoder, x, etag, store, args, out) -> dict:
+    """The paired log weights of the encoder and both local guides, per datapoint."""
+    guides = {"amortized": encoder, **{f: _local_guide(out, etag, f) for f in ("diag", "flow")}}
+    seconds = {f"fit_local_{f}": store.results[f"{etag}/local/{f}"]["seconds"]
+               for f in ("diag", "flow")}
     start = time.perf_counter()
     lw = {name: ppl_vae.log_weights(model, guide, x, args.num_samples, seed=args.seed + 1)
-          for name, guide in (("amortized", encoder), *guides.items())}
+          for name, guide in guides.items()}
     seconds["log_weights"] = time.perf_counter() - start
     per = {}
     for name, w in lw.items():
@@ -250,8 +298,8 @@ def local_fits(model, encoder, x, etag, args, out) -> dict:
     for a, b in (("diag", "amortized"), ("flow", "amortized")):
         d = lw[a] - lw[b]
         per[f"diff_{a}_{b}_se"] = (d.std(0) / math.sqrt(len(d))).tolist()
-    # AIS starts from the guide of highest mean ELBO (the encoder itself can win: a
-    # local flow cannot copy a flow encoder's conditional layers, see fit_local).
+    # "best": the guide of highest mean ELBO (the encoder itself can win: a local flow
+    # cannot copy a flow encoder's conditional layers, see fit_local).
     best = max(lw, key=lambda name: float(lw[name].mean()))
     return {"per_datapoint": per, "best_local": best, "num_samples": args.num_samples,
             "part_seconds": seconds,
@@ -259,16 +307,23 @@ def local_fits(model, encoder, x, etag, args, out) -> dict:
                       and not k.endswith("_se")}}
 
 
-def ais_log_px(model, encoder, x, etag, store, args, out) -> dict:
-    best = store.results[f"{etag}/local"]["best_local"]
-    guide = encoder if best == "amortized" else torch.load(
-        out / (etag.replace("/", "_") + f"_{best}.pt"), weights_only=False)
+def ais_log_px(model, guide, x, args) -> dict:
     result = ppl_vae.ais(model, x, proposal=guide, num_steps=args.ais_steps,
                          num_chains=args.ais_chains, seed=args.seed, progress=False)
-    return {"proposal": best if best == "amortized" else f"local {best}",
-            "log_px": result.log_marginal.tolist(),
+    return {"log_px": result.log_marginal.tolist(),
             "log_px_se": result.log_marginal_se.tolist(), "ess": result.ess.tolist(),
-            "acceptance": float(result.acceptance.mean()), "summary": result.summary()}
+            "acceptance": float(result.acceptance.mean())}
+
+
+def joined_chunks(results: dict, atag: str, n: int, proposal: str, args) -> dict:
+    """The chunks' per-datapoint values in row order, with the AIS seconds they took."""
+    chunks = [results[f"{atag}/rows{a}-{min(a + args.ais_chunk, n)}"]
+              for a in range(0, n, args.ais_chunk)]
+    joined = {k: [v for c in chunks for v in c[k]] for k in ("log_px", "log_px_se", "ess")}
+    acceptance = sum(c["acceptance"] * len(c["log_px"]) for c in chunks) / n
+    return {**joined, "acceptance": acceptance,
+            "proposal": proposal if proposal == "amortized" else f"local {proposal}",
+            "ais_seconds": sum(c["seconds"] for c in chunks)}
 
 
 def table_entry(local: dict, ais_result: dict, rows: slice, enc: str, args) -> dict:
@@ -332,8 +387,7 @@ def print_tables(results: dict, args) -> None:
     for ds in args.datasets:
         cols = []
         for enc in args.encoders:
-            base = (f"{model_tag(ds, enc, args)}/n{args.points}/"
-                    f"ais{args.ais_steps}x{args.ais_chains}")
+            base = f"{model_tag(ds, enc, args)}/n{args.points}/{ais_tag(args)}"
             for split in ("train", "test"):
                 cols.append((f"{enc} {split}", results.get(f"{base}/{split}")))
         if not any(entry for _, entry in cols):

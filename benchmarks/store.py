@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -11,7 +13,9 @@ class Store:
     """Results by key in a JSON file; a key already there is not measured again.
 
     Each result is written atomically (a temporary file, then ``replace``) as soon as it
-    is measured, with the seconds it took.
+    is measured, with the seconds it took. Several processes may share one store (say,
+    one per model on a 2-core machine): a write holds a lock on ``<file>.lock``, reads
+    the file again and adds its key to what the others wrote meanwhile.
     """
 
     def __init__(self, path: Path):
@@ -24,12 +28,24 @@ class Store:
         start = time.perf_counter()
         value = measure()
         value["seconds"] = time.perf_counter() - start
-        self.results[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.path)
+        with self._locked():
+            if self.path.exists():
+                self.results = {**json.loads(self.path.read_text()), **self.results}
+            self.results[key] = value
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1))
+            tmp.replace(self.path)
         brief = {k: v for k, v in value.items() if not isinstance(v, (list, dict))}
         print(key, json.dumps(brief), flush=True)
+
+    @contextmanager
+    def _locked(self):
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def opened(args, filename: str) -> tuple[Path, Store]:
