@@ -34,6 +34,7 @@ seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from functools import partial
@@ -75,6 +76,9 @@ ROWS = (
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     out, store = opened(args, "results.json")
+    if args.export:
+        export(store.results, Path(args.export))
+        return
     if args.print_only:
         print_tables(store.results, args)
         return
@@ -162,6 +166,10 @@ def _parser():
                         help="the paper's protocol: 1000 points, AIS 100 chains x 10,000 steps")
     parser.add_argument("--train-only", action="store_true",
                         help="train (or resume training) the models; measure nothing")
+    parser.add_argument("--export", metavar="JSON",
+                        help="write a compact copy of the store (the tables, their "
+                             "per-datapoint gaps, BDMC and timings; no AIS chunks or local "
+                             "ELBO lists) for notebook 07; measure nothing")
     parser.add_argument("--print-only", action="store_true",
                         help="print the tables of what the store holds; measure nothing")
     parser.add_argument("--threads", type=int, default=1)
@@ -375,6 +383,33 @@ def bdmc(model, encoder, args) -> dict:
 
 
 # ------------------------------------------------------------------ printing
+
+
+def export(results: dict, path: Path) -> None:
+    """What notebook 07 reads, small enough to commit: lists other than the table's
+    per-datapoint gaps are dropped, and floats rounded to 1e-4 nats."""
+    compact = {}
+    for key, entry in results.items():
+        if "/rows" in key:
+            continue
+        keep = {k: v for k, v in entry.items()
+                if not isinstance(v, list) or k == "epoch_elbo"}
+        if "per_datapoint" in keep and not key.endswith(("/train", "/test")):
+            del keep["per_datapoint"]
+        compact[key] = _rounded(keep)
+    path.write_text(json.dumps(compact, indent=1))
+    print(f"{len(compact)} entries written to {path}")
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
 
 
 def _fmt(entry: dict | None, key: str) -> str:
