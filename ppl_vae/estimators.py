@@ -188,10 +188,18 @@ def summarize_log_weights(lw: Tensor) -> Diagnostics:
     )
 
 
-def pareto_khat(lw: Tensor) -> Tensor:
-    """PSIS k-hat per datapoint (``arviz.psislw``, samples on the last axis).
+# Log weights of one datapoint that span less than this (nats) are equal for every purpose:
+# the estimate cannot move by more on these draws, whatever the tail.
+_TIED_SPAN = 1e-4
 
-    NaN with fewer than 2 samples, where no tail can be fitted.
+
+def pareto_khat(lw: Tensor) -> Tensor:
+    """PSIS k-hat per datapoint (``arviz.psislw``), from log weights of shape (K, N).
+
+    NaN with fewer than 2 samples, where no tail can be fitted. A datapoint whose K log
+    weights span less than 1e-4 nats (an exact posterior proposal, up to float32 rounding)
+    gets 0, the k-hat of a light tail: a Pareto fit to such ties returns inf or noise, which
+    would flag the most reliable estimate there is as unreliable.
     """
     if lw.shape[0] < 2:
         return torch.full((lw.shape[1],), float("nan"), dtype=lw.dtype)
@@ -200,7 +208,9 @@ def pareto_khat(lw: Tensor) -> Tensor:
         import arviz
 
         _, khat = arviz.psislw(lw.T.double().cpu().numpy().copy(), reff=1.0)
-    return torch.as_tensor(khat, dtype=lw.dtype).reshape(lw.shape[1])
+    khat = torch.as_tensor(khat, dtype=lw.dtype).reshape(lw.shape[1])
+    tied = (lw.amax(0) - lw.amin(0)) < _TIED_SPAN
+    return khat.masked_fill(tied.cpu(), 0.0)
 
 
 def _std(values: Tensor) -> Tensor:

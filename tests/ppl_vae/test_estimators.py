@@ -248,3 +248,24 @@ def test_missing_event_dims_are_refused_before_any_work():
 def test_global_latent_is_refused_by_gaps_before_fitting():
     with pytest.raises(ValueError, match="outside the 'data' plate"):
         ppl_vae.gaps(_GlobalLatentModel(), None, torch.zeros(3, 10), local="diag")
+
+
+def test_exact_posterior_weights_are_not_flagged_by_khat(mle):
+    # Equal weights (up to rounding) are the most reliable estimate there is; a Pareto fit
+    # to their ties returns inf, which used to flag every datapoint above 0.7.
+    model, x = mle
+    d = ppl_vae.diagnostics(model, ExactPosterior(model), x[:20], num_samples=200)
+    assert (d.khat == 0).all()
+
+
+def test_khat_still_flags_heavy_tails_and_keeps_light_ones():
+    gen = torch.Generator().manual_seed(0)
+    # Log weights log(U^-1) of a Pareto with shape 1 (infinite variance): k-hat near 1.
+    heavy = -torch.rand(4000, 5, generator=gen, dtype=torch.float64).log()
+    assert (ppl_vae.pareto_khat(heavy) > 0.7).all()
+    # A light tail spread over more than the tie span: arviz's value, unchanged.
+    light = 1e-3 * torch.randn(4000, 5, generator=gen, dtype=torch.float64)
+    khat = ppl_vae.pareto_khat(light)
+    assert (khat < 0.5).all() and (khat != 0).all()
+    tied = torch.full((4000, 5), -97.3, dtype=torch.float32)
+    assert (ppl_vae.pareto_khat(tied) == 0).all()
