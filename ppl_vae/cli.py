@@ -71,6 +71,7 @@ class RunConfig:
     particles: int = 1
     kl_warmup: int = 0
     lr_schedule: str = "constant"
+    clip_norm: float = 0.0
     binarize: str = "static"
     data_dim: int = field(default=0)
 
@@ -165,6 +166,7 @@ def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
                 checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra,
                 objective=cfg.objective, num_particles=cfg.particles,
                 kl_warmup=cfg.kl_warmup or None, lr_schedule=cfg.lr_schedule,
+                clip_norm=cfg.clip_norm or None,
                 binarize="dynamic" if cfg.binarize == "dynamic" else None)
     return model, guide, cfg, time.perf_counter() - start
 
@@ -191,6 +193,9 @@ def check_config(cfg: RunConfig) -> None:
         positive_int(width, "--hidden")
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a positive finite number, got {cfg.lr!r}")
+    if not (isinstance(cfg.clip_norm, (int, float)) and math.isfinite(cfg.clip_norm)
+            and cfg.clip_norm >= 0):
+        raise ValueError(f"--clip-norm must be a finite number >= 0, got {cfg.clip_norm!r}")
     check_seed(cfg.seed, "--seed")
 
 
@@ -378,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {defaults.kl_warmup}: none)")
         p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help=f"learning-rate decay over the run (default {defaults.lr_schedule})")
+        p.add_argument("--clip-norm", type=float, metavar="NORM",
+                       help="clip the gradient's 2-norm to NORM before each step "
+                       f"(default {defaults.clip_norm}: no clipping)")
         p.add_argument("--binarize", choices=BINARIZE,
                        help="static: binarize the data once (seeded); dynamic: redraw the "
                        "training minibatches each step (test data stay static); default "

@@ -28,7 +28,7 @@ from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import frozen, module_local
 from ppl_vae.traced import TracedLoss
-from ppl_vae.validation import as_data, one_of, positive_int
+from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
 OBJECTIVES = ("elbo", "iwae")
 # Steps between the in-memory snapshots that a NaN rollback replays from.
@@ -81,6 +81,7 @@ def fit(
     num_particles: int = 1,
     kl_warmup: int | None = None,
     lr_schedule: str | Callable[[int, int], float] = "constant",
+    clip_norm: float | None = None,
     seed: int | None = None,
     progress: bool = True,
     train_model: bool = True,
@@ -132,6 +133,12 @@ def fit(
         :func:`ppl_vae.objectives.lr_factor`): ``"cosine"`` decays to 0 along half a
         cosine, ``"exponential"`` by a factor of 10 over the run. A function of the
         step and the total only, so a resumed run follows it exactly.
+    clip_norm : float, optional
+        Before each step the gradient is rescaled so that its 2-norm over all parameters
+        is at most ``clip_norm`` (``torch.nn.utils.clip_grad_norm_``; under DDP, after
+        the gradients are averaged, so every rank clips alike). The loss is the ELBO of
+        the whole dataset (minibatches are scaled by N / batch size), so gradient norms
+        grow with N: pick the bound from the norms of a short unclipped run.
     seed : int, optional
         In [0, 2**63). Seeds torch, Python's and numpy's generators and the shuffling.
     progress : bool
@@ -196,6 +203,8 @@ def fit(
         kl_warmup = positive_int(kl_warmup, "kl_warmup")
     if not callable(lr_schedule):
         one_of(lr_schedule, LR_SCHEDULES, "lr_schedule")
+    if clip_norm is not None:
+        clip_norm = positive_number(clip_norm, "clip_norm")
     seed = check_seed(seed)
     x = _validated_data(x, model, binarize)
     num_data = len(x)
@@ -217,13 +226,13 @@ def fit(
                        lr=lr, optimizer=optimizer, loss=loss, seed=seed, progress=progress,
                        train_model=train_model, callback=callback, jit=jit, saver=saver,
                        resume=resume, signature=signature, kl_warmup=kl_warmup,
-                       lr_schedule=lr_schedule)
+                       lr_schedule=lr_schedule, clip_norm=clip_norm)
 
 
 def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, optimizer=None,
                 loss=None, seed=None, progress=True, train_model=True, callback=None, jit=True,
                 saver=None, resume=False, signature=None, kl_warmup=None,
-                lr_schedule="constant") -> FitResult:
+                lr_schedule="constant", clip_norm=None) -> FitResult:
     """The core of :func:`fit`, for callers inside the library that have validated
     every argument already (``total`` steps of ``batch_size`` rows; ``x`` a checked
     tensor). It trusts its inputs."""
@@ -240,7 +249,8 @@ def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     params = list((loss_fn if train_model else guide).parameters())
     opt = _make_optimizer(optimizer, params, lr)
     run = _Training(model, guide, opt, params, _Batches(num_data, batch_size, seed, x.device),
-                    total, signature, warmup=warmup, lr_schedule=lr_schedule)
+                    total, signature, warmup=warmup, lr_schedule=lr_schedule,
+                    clip_norm=clip_norm)
     if resume:
         run.load_state_dict(checkpoint_load(saver.path, _KEYS), saver.path)
     rank = rank_and_size()[0]
@@ -341,7 +351,7 @@ def _finite(params) -> bool:
     return bool(torch.stack(torch._foreach_norm(params)).isfinite().all())
 
 
-def _step(loss_fn, opt, xb, idx, num_data, step) -> float:
+def _step(loss_fn, opt, xb, idx, num_data, step, clipped=None, clip_norm=None) -> float:
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(xb, idx=idx, num_data=num_data)
     value = loss.item()
@@ -354,6 +364,8 @@ def _step(loss_fn, opt, xb, idx, num_data, step) -> float:
             "check the data)"
         )
     loss.backward()
+    if clipped is not None:
+        torch.nn.utils.clip_grad_norm_(clipped, clip_norm)
     opt.step()
     return value
 
@@ -480,11 +492,12 @@ class _Training:
     """What changes while fitting: one step forward, and a state to save or restore."""
 
     def __init__(self, model, guide, opt, params, batches: _Batches, total: int,
-                 signature: dict, warmup: Warmup | None = None, lr_schedule="constant"):
+                 signature: dict, warmup: Warmup | None = None, lr_schedule="constant",
+                 clip_norm: float | None = None):
         self.model, self.guide, self.opt, self.params = model, guide, opt, params
         self.batches, self.total, self.signature = batches, total, signature
         self.loss_fn = None
-        self.warmup, self.lr_schedule = warmup, lr_schedule
+        self.warmup, self.lr_schedule, self.clip_norm = warmup, lr_schedule, clip_norm
         self.step = 0
         self.history: list[float] = []
         self.seconds: list[float] = []
@@ -504,7 +517,8 @@ class _Training:
         rank, world = rank_and_size()
         idx = idx[rank::world] if world > 1 else idx
         num_data = self.batches.num_data
-        value = _step(self.loss_fn, self.opt, as_seen(x[idx]), idx, num_data, self.step)
+        value = _step(self.loss_fn, self.opt, as_seen(x[idx]), idx, num_data, self.step,
+                      self.params if self.clip_norm else None, self.clip_norm)
         received = signals is not None and signals.received is not None
         value, received = agree(value, received)
         if received and signals.received is None:

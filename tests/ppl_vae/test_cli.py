@@ -114,6 +114,7 @@ def fails_in_one_line(argv, capsys, *expected):
     (["fit", "--model", "fa", "--likelihood", "bernoulli"], "--likelihood"),
     (["fit", "--particles", "0"], "--particles"),
     (["fit", "--kl-warmup", "-1"], "--kl-warmup"),
+    (["fit", "--clip-norm", "-1"], "--clip-norm"),
     (["fit", "--model", "ppca", "--binarize", "dynamic"], "--binarize dynamic"),
     (["fit", "--dataset", "binarized_mnist", "--binarize", "dynamic"], "--binarize dynamic"),
 ])
@@ -293,11 +294,13 @@ def test_training_options_reach_fit_and_are_kept_for_resume(tmp_path, monkeypatc
 
     monkeypatch.setattr(cli.ppl_vae, "fit", spy)
     options = ["--objective", "iwae", "--particles", "3", "--kl-warmup", "5",
-               "--lr-schedule", "cosine", "--binarize", "dynamic"]
+               "--lr-schedule", "cosine", "--binarize", "dynamic", "--clip-norm", "5"]
     cli.run(["fit", *TINY, *options, "--out", str(tmp_path)])
     assert (seen["objective"], seen["num_particles"], seen["kl_warmup"]) == ("iwae", 3, 5)
     assert (seen["lr_schedule"], seen["binarize"]) == ("cosine", "dynamic")
+    assert seen["clip_norm"] == 5.0
     # dynamic binarization trains on the intensities, which fit redraws
     assert ((seen["x"] > 0) & (seen["x"] < 1)).any()
     config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
     assert config["objective"] == "iwae" and config["binarize"] == "dynamic"
+    assert config["clip_norm"] == 5.0

@@ -191,6 +191,8 @@ def test_custom_optimizer_class_and_factory(setup):
         ({"num_steps": 2.5}, "num_steps must be a positive integer"),
         ({"num_steps": 1, "batch_size": 0}, "batch_size must be a positive integer"),
         ({"num_steps": 1, "binarize": "static"}, "binarize must be one of"),
+        ({"num_steps": 1, "clip_norm": 0}, "clip_norm must be a positive finite number"),
+        ({"num_steps": 1, "clip_norm": float("nan")}, "clip_norm must be a positive"),
     ],
 )
 def test_bad_arguments_are_refused(setup, kwargs, match):
@@ -273,3 +275,29 @@ def test_a_guide_missing_a_latent_site_is_refused_before_training(setup):
     _, guide, x = setup
     with pytest.raises(ValueError, match=r"latent sites \['w'\] have no site in the guide"):
         ppl_vae.fit(_ExtraLatent(), guide, x, num_steps=3, progress=False)
+
+
+def _one_sgd_step(model, guide, x, clip_norm):
+    """The change of every parameter in one full-batch SGD step with lr = 1."""
+    before = {**snapshot(model), **snapshot(guide)}
+    ppl_vae.fit(model, guide, x, num_steps=1, lr=1.0, optimizer=torch.optim.SGD, seed=3,
+                clip_norm=clip_norm, progress=False)
+    after = {**snapshot(model), **snapshot(guide)}
+    return torch.cat([(after[k] - before[k]).flatten() for k in before])
+
+
+def test_clip_norm_rescales_the_gradient_to_that_norm(setup):
+    model, guide, x = setup
+    start = (snapshot(model), snapshot(guide))
+
+    def step(clip_norm):
+        model.load_state_dict(start[0])
+        guide.load_state_dict(start[1])
+        return _one_sgd_step(model, guide, x, clip_norm)
+
+    gradient = -step(None)  # SGD with lr = 1 moves by minus the gradient
+    norm = float(gradient.norm())
+    assert norm > 1.0  # so a clip at norm / 4 bites
+    clipped = -step(norm / 4)
+    torch.testing.assert_close(clipped, gradient / 4, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(-step(2 * norm), gradient, rtol=1e-9, atol=1e-12)
