@@ -351,7 +351,7 @@ def _finite(params) -> bool:
     return bool(torch.stack(torch._foreach_norm(params)).isfinite().all())
 
 
-def _step(loss_fn, opt, xb, idx, num_data, step, clipped=None, clip_norm=None) -> float:
+def _step(loss_fn, opt, xb, idx, num_data, step, params, clip_norm=None) -> float:
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(xb, idx=idx, num_data=num_data)
     value = loss.item()
@@ -364,8 +364,8 @@ def _step(loss_fn, opt, xb, idx, num_data, step, clipped=None, clip_norm=None) -
             "check the data)"
         )
     loss.backward()
-    if clipped is not None:
-        torch.nn.utils.clip_grad_norm_(clipped, clip_norm)
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     opt.step()
     return value
 
@@ -518,7 +518,7 @@ class _Training:
         idx = idx[rank::world] if world > 1 else idx
         num_data = self.batches.num_data
         value = _step(self.loss_fn, self.opt, as_seen(x[idx]), idx, num_data, self.step,
-                      self.params if self.clip_norm else None, self.clip_norm)
+                      self.params, self.clip_norm)
         received = signals is not None and signals.received is not None
         value, received = agree(value, received)
         if received and signals.received is None:
