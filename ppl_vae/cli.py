@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -39,7 +38,7 @@ from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.objectives import LR_SCHEDULES
 from ppl_vae.seeding import check_seed
 from ppl_vae.train import OBJECTIVES, Interrupted
-from ppl_vae.validation import one_of, positive_int
+from ppl_vae.validation import one_of, positive_int, positive_number
 
 MODELS = ("vae", "ppca", "fa")
 GUIDES = ("mlp", "linear", "linear-full", "delta")
@@ -191,11 +190,9 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError("--hidden needs at least one layer width")
     for width in cfg.hidden:
         positive_int(width, "--hidden")
-    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"--lr must be a positive finite number, got {cfg.lr!r}")
-    if not (isinstance(cfg.clip_norm, (int, float)) and math.isfinite(cfg.clip_norm)
-            and cfg.clip_norm >= 0):
-        raise ValueError(f"--clip-norm must be a finite number >= 0, got {cfg.clip_norm!r}")
+    positive_number(cfg.lr, "--lr")
+    if cfg.clip_norm != 0:  # 0 is the default: no clipping
+        positive_number(cfg.clip_norm, "--clip-norm")
     check_seed(cfg.seed, "--seed")
 
 
