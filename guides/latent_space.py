@@ -173,11 +173,8 @@ class LatentSpace:
 
 def _latent_nodes(trace):
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
-            continue
-        if site["infer"].get("is_auxiliary"):
-            continue
-        yield name, site
+        if is_latent_site(site) and not site["infer"].get("is_auxiliary"):
+            yield name, site
 
 
 def _latent_site(name: str, site: dict) -> LatentSite:
@@ -210,3 +207,10 @@ def _sum_to(value: Tensor, batch: torch.Size) -> Tensor:
     """Sum ``value`` over the dims right of ``batch`` (elementwise Jacobians)."""
     extra = value.dim() - len(batch)
     return value.sum(tuple(range(-extra, 0))) if extra > 0 else value
+
+
+def is_latent_site(site) -> bool:
+    """True for a trace node that is a latent sample site: sampled, not observed, and
+    not a plate's subsample indices. Auxiliary guide sites count (a caller that must
+    skip them checks ``site["infer"].get("is_auxiliary")``)."""
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)

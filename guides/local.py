@@ -44,6 +44,27 @@ FAMILIES = ("diag", "full", "flow")
 LATENT = "_local_latent"
 
 
+def draw_latents(q, space: LatentSpace, x: Tensor, idx: Tensor | None,
+                 num_data: int | None) -> dict[str, Tensor]:
+    """Draw u ~ q (batch shape (B,), event (d,)) inside the data plate and give every
+    latent site of ``space`` its constrained value through a ``Delta`` whose
+    log-density is minus the site's log-Jacobian, so the draws' total log-density is
+    log q(z) of the constrained latents.
+
+    Returns
+    -------
+    dict of str to Tensor of shape (..., B, *event_shape)
+    """
+    with data_plate(x, idx, num_data):
+        u = pyro.sample(LATENT, q, infer={"is_auxiliary": True})
+        values, log_dets = space.unflatten_sites(u)
+        for site in space.sites:
+            point = dist.Delta(values[site.name], log_density=-log_dets[site.name],
+                               event_dim=len(site.event_shape))
+            pyro.sample(site.name, point)
+    return values
+
+
 class _Local(PyroModule):
     """Shared plumbing: the latent space, a location per datapoint, how rows are read.
 
@@ -147,15 +168,7 @@ class _Local(PyroModule):
         -------
         dict of str to Tensor of shape (..., B, *event_shape)
         """
-        q = self.joint_distribution(x, idx)
-        with data_plate(x, idx, num_data):
-            u = pyro.sample(LATENT, q, infer={"is_auxiliary": True})
-            values, log_dets = self.space.unflatten_sites(u)
-            for site in self.space.sites:
-                point = dist.Delta(values[site.name], log_density=-log_dets[site.name],
-                                   event_dim=len(site.event_shape))
-                pyro.sample(site.name, point)
-        return values
+        return draw_latents(self.joint_distribution(x, idx), self.space, x, idx, num_data)
 
     def _rows(self, x: Tensor | None, idx: Tensor | None):
         if idx is not None:

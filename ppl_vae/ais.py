@@ -51,11 +51,12 @@ from tqdm.auto import tqdm
 
 from ppl_vae.densities import log_density, log_joint
 from ppl_vae.distributed import gathered, my_share
-from ppl_vae.estimators import check_guide, check_rows, check_structure
 from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.programs import as_programs
 from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.seeding import generator as block_generator
 from ppl_vae.settings import frozen, module_local
+from ppl_vae.structure import check_conditionable, check_guide, check_rows, check_structure
 from ppl_vae.validation import as_data, positive_int
 
 SCHEDULES = ("linear", "sigmoid")
@@ -191,13 +192,15 @@ def ais(
     seed: int | None = None,
     progress: bool = True,
     jit: bool = True,
+    plate: str | None = None,
 ) -> AISResult:
     """log p(x) per datapoint by annealed importance sampling with HMC transitions.
 
     Parameters
     ----------
-    model : PyroModule
-        Following the library's conventions; every latent site in the ``"data"`` plate.
+    model : Pyro program
+        A function, bound method or module taking the data ``x``, or a PyroModule of
+        the library's convention; every latent site in the data plate.
     x : Tensor or ndarray of shape (N, D)
     proposal : guide, optional
         The initial distribution: the model's prior when None, else the guide's
@@ -238,14 +241,17 @@ def ais(
         that changes between calls) falls back to the plain path with a warning. A
         Python branch on the latents' values cannot be seen that way: pass False.
         float64 data always run plainly (exactness first).
+    plate : str, optional
+        The model's data plate, when it cannot be told from the model.
 
     Returns
     -------
     AISResult
     """
-    x, idx, num_data, betas, settings, space = _checked(
+    model, proposal, x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
         target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress, jit,
+        plate,
     )
     return _run(model, proposal, space, x, idx, num_data, betas, settings, reverse_from=None)
 
@@ -268,6 +274,7 @@ def bdmc(
     seed: int | None = None,
     progress: bool = True,
     jit: bool = True,
+    plate: str | None = None,
 ) -> BDMCResult:
     """Sandwich log p(x) between forward and reverse AIS on simulated data.
 
@@ -289,9 +296,10 @@ def bdmc(
     -------
     BDMCResult
     """
-    x, idx, num_data, betas, settings, space = _checked(
+    model, proposal, x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
         target_accept, adapt, pilot_chains, schedule, None, None, seed, progress, jit,
+        plate,
     )
     exact = space.flatten(_checked_latents(latents, space, x))
     forward = _run(model, proposal, space, x, idx, num_data, betas, settings, None)
@@ -341,10 +349,11 @@ def schedule_betas(schedule: str | Sequence[float], num_steps: int) -> Tensor:
 
 def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
              target_accept, adapt, pilot_chains, schedule, idx, num_data, seed, progress,
-             jit=True):
+             jit=True, plate=None):
     """Every argument, the model's latent space and the proposal, checked before work."""
     x = as_data(x, model)
     idx, num_data = check_rows(x, idx, num_data)
+    model, proposal = as_programs(model, proposal, x, plate=plate, num_data=num_data)
     positive_int(num_steps, "num_steps")
     betas = schedule_betas(schedule, num_steps)
     if not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
@@ -365,7 +374,8 @@ def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_siz
     space = check_structure(model, x, idx, num_data)
     if proposal is not None:
         check_guide(model, proposal, x, idx, num_data)
-    return x, idx, num_data, betas, settings, space
+        check_conditionable(proposal, x, idx, num_data)
+    return model, proposal, x, idx, num_data, betas, settings, space
 
 
 def _checked_latents(latents, space: LatentSpace, x: Tensor) -> dict[str, Tensor]:

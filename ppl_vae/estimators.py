@@ -28,17 +28,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered, my_share
-from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.programs import as_programs
 from ppl_vae.seeding import base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
+from ppl_vae.structure import check_guide, check_rows, check_structure
 from ppl_vae.validation import as_data, one_of, positive_int
 
 PROPOSALS = ("guide", "prior")
@@ -61,15 +60,18 @@ def log_weights(
     idx: Tensor | None = None,
     num_data: int | None = None,
     seed: int | None = None,
+    plate: str | None = None,
 ) -> Tensor:
     """Importance log weights log p(x, z) - log q(z | x), one column per datapoint.
 
     Parameters
     ----------
-    model, guide : PyroModule
-        Following the ``forward(x, idx=None, num_data=None)`` convention; every latent
-        site must live in the ``"data"`` plate, and the guide must have a site for
-        each of the model's latents (and no other, unless marked auxiliary).
+    model, guide : Pyro programs
+        Functions, bound methods or modules taking the data ``x`` (or PyroModules of
+        the library's ``forward(x, idx=None, num_data=None)`` convention); autoguides
+        such as ``AutoNormal``. Every latent site must live in the data plate, and the
+        guide must have a site for each of the model's latents (and no other, unless
+        marked auxiliary).
     x : Tensor or ndarray of shape (N, D)
     num_samples : int
         K, samples per datapoint.
@@ -81,13 +83,17 @@ def log_weights(
         size. The draws of row n depend only on ``seed`` and ``idx[n]``.
     seed : int, optional
         Seeds the draws; the caller's random state is left as it was.
+    plate : str, optional
+        The name of the model's data plate, when it cannot be told from the model (the
+        plate around the observed sites whose size is the number of rows).
 
     Returns
     -------
     Tensor of shape (K, N)
         -inf where a draw fell outside a latent's support.
     """
-    return _weights(_Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed))
+    return _weights(_Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed,
+                                 plate))
 
 
 def log_weights_checked(model, guide, x: Tensor, num_samples: int, seed: int) -> Tensor:
@@ -244,13 +250,15 @@ class _Job:
 
     @classmethod
     def checked(cls, model, guide, x, num_samples, proposal="guide", idx=None,
-                num_data=None, seed=None) -> _Job:
+                num_data=None, seed=None, plate=None) -> _Job:
         """Validate everything at the public boundary, before any work."""
         x = as_data(x, model)
         num_samples = positive_int(num_samples, "num_samples")
         one_of(proposal, PROPOSALS, "proposal")
         seed = check_seed(seed)
         idx, num_data = check_rows(x, idx, num_data)
+        model, guide = as_programs(model, guide if proposal == "guide" else None, x,
+                                   plate=plate, num_data=num_data)
         with caller_rng_kept(seed is not None):
             check_structure(model, x, idx, num_data)
             if proposal == "guide":
@@ -297,128 +305,3 @@ def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:
         model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
     log_joint = log_density(model_trace, shape)
     return log_joint - log_density(guide_trace, shape, observed=False)
-
-
-def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
-    """``idx`` (default: 0..N-1) as a LongTensor of length N, and ``num_data``."""
-    if idx is None:
-        idx = torch.arange(len(x), device=x.device)
-    else:
-        idx = torch.as_tensor(idx, device=x.device)
-        if idx.dtype not in (torch.int64, torch.int32) or idx.shape != (len(x),):
-            raise ValueError(
-                f"idx must hold one integer row index per row of x ({len(x)}), got "
-                f"dtype {idx.dtype} and shape {tuple(idx.shape)}"
-            )
-        idx = idx.long()
-        if len(idx) and int(idx.min()) < 0:
-            raise ValueError(f"idx must be non-negative, got {int(idx.min())}")
-    if num_data is None:
-        num_data = max(len(x), int(idx.max()) + 1)
-    num_data = positive_int(num_data, "num_data")
-    if int(idx.max()) >= num_data:
-        raise ValueError(f"idx holds row {int(idx.max())} but num_data is {num_data}")
-    return idx, num_data
-
-
-def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> LatentSpace:
-    """Check, on one cheap trace, what per-datapoint estimates need of a model.
-
-    Every latent site must live in the ``"data"`` plate (a global latent couples the
-    datapoints, so log p(x_n) no longer splits per datapoint), declare its event dims,
-    and be continuous; an observed site must declare a datapoint's dims as event dims
-    (``.to_event(1)``), or its log-density is not one number per datapoint.
-
-    Returns
-    -------
-    LatentSpace
-        The model's latent sites.
-    """
-    space = LatentSpace.of(model, x, idx, num_data)
-    first = None if idx is None else idx[:1]
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace = poutine.trace(model).get_trace(x[:1], first, num_data)
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
-            continue
-        event_shape = tuple(site["fn"].event_shape)
-        if event_shape != tuple(site["value"].shape[1:]):
-            raise ValueError(
-                f"observed site {name!r} has event shape {event_shape} but each datapoint "
-                f"has shape {tuple(site['value'].shape[1:])}: the data must have the "
-                "model's width, and the model must declare a datapoint's dims as event "
-                "dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
-            )
-    return space
-
-
-def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
-    """Refuse a guide that cannot serve as an importance proposal for ``model``.
-
-    It must have a site for each of the model's latents, no latent site the model does
-    not have (unless marked ``infer={"is_auxiliary": True}``), and no point mass.
-    """
-    check_guide_covers(model, guide, x[:1], idx[:1], num_data)
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
-    _refuse_point_masses(trace)
-
-
-def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
-    """Refuse a guide whose sites do not match the model's latents one to one.
-
-    A model latent with no guide site would be redrawn from its prior (by SVI at every
-    step, by the estimators in every sample) while its density stays in the joint; a
-    guide site that is no latent of the model adds a log q term with no log p term.
-    Sites marked for enumeration are left to the guide-less route they are meant for.
-    """
-    with torch.no_grad(), pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
-        replayed = poutine.replay(model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
-    latents = {name for name, site in model_trace.nodes.items() if _is_latent(site)}
-    missing = [
-        name for name in latents
-        if name not in guide_trace.nodes and not model_trace.nodes[name]["infer"].get("enumerate")
-    ]
-    if missing:
-        raise ValueError(
-            f"the model's latent sites {sorted(missing)} have no site in the guide "
-            f"({type(guide).__name__}): they would be drawn from the prior while their "
-            "density stays in the joint; give the guide a site of the same name for each"
-        )
-    extra = [
-        name for name, site in guide_trace.nodes.items()
-        if _is_latent(site) and not site["infer"].get("is_auxiliary") and name not in latents
-    ]
-    if extra:
-        raise ValueError(
-            f"the guide ({type(guide).__name__}) has sample sites {sorted(extra)} that are "
-            "not latent sites of the model: their log q would count with no log p; rename "
-            "them to the model's sites or mark them infer={'is_auxiliary': True}"
-        )
-
-
-def _is_latent(site) -> bool:
-    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-
-
-def _refuse_point_masses(trace) -> None:
-    """A Delta site is a point mass unless an auxiliary site carries its randomness (as
-    in guides that sample one joint vector and hand each latent its piece)."""
-    if any(site["type"] == "sample" and site["infer"].get("is_auxiliary")
-           for site in trace.nodes.values()):
-        return
-    for name, site in trace.nodes.items():
-        if _is_latent(site) and _is_delta(site["fn"]):
-            raise ValueError(
-                f"guide site {name!r} is a point mass (Delta): it has no density to "
-                "weight by, so it cannot be an importance-sampling proposal; use an "
-                "encoder with a density or proposal='prior'"
-            )
-
-
-def _is_delta(fn) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return isinstance(fn, dist.Delta)

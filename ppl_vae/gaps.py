@@ -24,7 +24,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -32,13 +31,11 @@ from ppl_vae.ais import ais_checked
 from ppl_vae.distributed import local_only, summed_over_group
 from ppl_vae.estimators import (
     _mean_se,
-    check_guide,
-    check_structure,
     log_weights,
     log_weights_checked,
     pareto_khat,
 )
-from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
 from ppl_vae.guides.local import (
     FAMILIES,
     LOCAL_GUIDES,
@@ -48,8 +45,10 @@ from ppl_vae.guides.local import (
     family_of,
 )
 from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
+from ppl_vae.programs import as_programs
 from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
+from ppl_vae.structure import check_guide, check_structure
 from ppl_vae.train import FitResult, fit, fit_checked
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -90,6 +89,7 @@ def fit_local(
     window: int = 50,
     progress: bool = True,
     seed: int | None = None,
+    plate: str | None = None,
 ) -> LocalDiag | LocalFull | LocalFlow:
     """Fit a local guide, one q_n per datapoint, with the model's parameters frozen.
 
@@ -159,6 +159,7 @@ def fit_local(
         On bad input or an unknown ``family``, before any work.
     """
     x = as_data(x, model)
+    model, init_from = as_programs(model, init_from, x, plate=plate)
     check_structure(model, x[:1])
     return _fit_local(
         model, x, family, init_from=init_from, steps=steps, lr=lr,
@@ -326,6 +327,7 @@ def gaps(
     ais_chains: int = 16,
     seed: int | None = None,
     progress: bool = True,
+    plate: str | None = None,
 ) -> GapReport:
     """Split the encoder's inference gap into approximation and amortization gaps.
 
@@ -401,6 +403,7 @@ def gaps(
     """
     x = as_data(x, model)
     seed = check_seed(seed)
+    model, guide = as_programs(model, guide, x, plate=plate)
     space = check_structure(model, x[:1])
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
@@ -496,6 +499,7 @@ def refine(
     progress: bool = True,
     tol: float | None = 1e-3,
     window: int = 25,
+    plate: str | None = None,
 ) -> RefinementCurve:
     """Semi-amortized inference: refine the encoder's output by SVI steps per datapoint.
 
@@ -535,6 +539,7 @@ def refine(
     RefinementCurve
     """
     x = as_data(x, model)
+    model, guide = as_programs(model, guide, x, plate=plate)
     check_structure(model, x[:1])
     steps = positive_int(steps, "steps")
     schedule = None if tol is None else _Plateau(lr, tol=tol, window=positive_int(window, "window"))
@@ -798,9 +803,7 @@ def guide_family(guide, x: Tensor) -> str | None:
     first = torch.zeros(1, dtype=torch.long, device=x.device)
     with torch.no_grad(), pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(x[:1], first, len(x))
-    sites = [site for site in trace.nodes.values()
-             if site["type"] == "sample" and not site["is_observed"]
-             and not site_is_subsample(site)]
+    sites = [site for site in trace.nodes.values() if is_latent_site(site)]
     if len(sites) != 1 or sites[0]["infer"].get("is_auxiliary"):
         return None
     fn = sites[0]["fn"]

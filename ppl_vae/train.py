@@ -17,16 +17,18 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoContinuous
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.checkpoint import CheckpointError, atomic_save, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
 from ppl_vae.distributed import agree, rank_and_size, wrapped
-from ppl_vae.estimators import check_guide_covers
 from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
+from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import frozen, module_local
+from ppl_vae.structure import check_guide_covers
 from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
@@ -92,6 +94,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = False,
     checkpoint_extra: Mapping | None = None,
+    plate: str | None = None,
 ) -> FitResult:
     """Fit ``model`` and ``guide`` to ``x`` by SVI.
 
@@ -102,8 +105,11 @@ def fit(
 
     Parameters
     ----------
-    model, guide : PyroModule
-        Following the ``forward(x, idx=None, num_data=None)`` convention.
+    model, guide : Pyro programs
+        Functions, bound methods or modules taking the data ``x`` (their parameters
+        from ``pyro.param``, ``pyro.module`` or the modules themselves), autoguides, or
+        PyroModules of the library's ``forward(x, idx=None, num_data=None)``
+        convention. Minibatches scale the data plate's sites by N / batch size.
     x : Tensor or ndarray of shape (N, D)
     epochs, num_steps : int
         Give exactly one: passes over the data, or optimizer steps.
@@ -180,6 +186,8 @@ def fit(
         ``train_model`` and ``binarize`` must be those of the checkpoint.
     checkpoint_extra : mapping, optional
         Saved beside fit's own keys (the command line keeps its configuration there).
+    plate : str, optional
+        The model's data plate, when it cannot be told from the model.
 
     Returns
     -------
@@ -208,6 +216,9 @@ def fit(
     seed = check_seed(seed)
     x = _validated_data(x, model, binarize)
     num_data = len(x)
+    # Dynamic binarization draws each minibatch; its rounding stands for them here.
+    model, guide = as_programs(model, guide, x.round() if binarize else x, plate=plate,
+                               proposal=False)
     # Data as the model sees it: dynamic binarization redraws every minibatch (the
     # range of x was checked once, above, so the hot loop skips data.dynamic_binarize's
     # per-call check).
@@ -217,6 +228,7 @@ def fit(
     if batch_size is not None:
         batch_size = min(positive_int(batch_size, "batch_size"), num_data)
     batch_size = batch_size or num_data
+    _refuse_coupled_minibatches(guide, batch_size, num_data)
     total = _total_steps(epochs, num_steps, math.ceil(num_data / batch_size))
     saver = _Saver.checked(checkpoint, checkpoint_every, resume, checkpoint_extra)
     signature = {"num_data": num_data, "batch_size": batch_size, "seed": seed,
@@ -291,6 +303,16 @@ def _loop(run, x, as_seen, callback, saver, signals, progress) -> None:
         saver.save(run)
     finally:
         bar.close()
+
+
+def _refuse_coupled_minibatches(guide, batch_size: int, num_data: int) -> None:
+    fn = guide.fn if isinstance(guide, PyroProgram) else guide
+    if batch_size < num_data and isinstance(fn, AutoContinuous):
+        raise ValueError(
+            f"{type(fn).__name__} draws one latent vector for all {num_data} datapoints, "
+            f"so it cannot be trained on minibatches of {batch_size}: leave batch_size "
+            "out, or use AutoNormal, whose rows are per datapoint"
+        )
 
 
 def _unchanged(x):

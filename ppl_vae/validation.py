@@ -47,7 +47,9 @@ def as_data(x, model=None, *, name: str = "x", check_values: bool = True) -> Ten
 
 
 def _to_model(x: Tensor, model) -> Tensor:
-    first = next(iter(model.parameters()), None) if model is not None else None
+    if not isinstance(model, torch.nn.Module):
+        return x
+    first = next(iter(model.parameters()), None)
     if first is None:
         return x
     return x.to(device=first.device, dtype=first.dtype)

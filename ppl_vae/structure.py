@@ -1,0 +1,160 @@
+"""What per-datapoint estimation needs of a model and a guide, checked on one cheap trace.
+
+The checks run once, at the public boundary (after :mod:`ppl_vae.programs` has put the
+user's model and guide into the engine's form), so the engine below trusts its inputs.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
+from ppl_vae.validation import positive_int
+
+
+def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
+    """``idx`` (default: 0..N-1) as a LongTensor of length N, and ``num_data``."""
+    if idx is None:
+        idx = torch.arange(len(x), device=x.device)
+    else:
+        idx = torch.as_tensor(idx, device=x.device)
+        if idx.dtype not in (torch.int64, torch.int32) or idx.shape != (len(x),):
+            raise ValueError(
+                f"idx must hold one integer row index per row of x ({len(x)}), got "
+                f"dtype {idx.dtype} and shape {tuple(idx.shape)}"
+            )
+        idx = idx.long()
+        if len(idx) and int(idx.min()) < 0:
+            raise ValueError(f"idx must be non-negative, got {int(idx.min())}")
+    if num_data is None:
+        num_data = max(len(x), int(idx.max()) + 1)
+    num_data = positive_int(num_data, "num_data")
+    if int(idx.max()) >= num_data:
+        raise ValueError(f"idx holds row {int(idx.max())} but num_data is {num_data}")
+    return idx, num_data
+
+
+def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> LatentSpace:
+    """Check, on one cheap trace, what per-datapoint estimates need of a model.
+
+    Every latent site must live in the ``"data"`` plate (a global latent couples the
+    datapoints, so log p(x_n) no longer splits per datapoint), declare its event dims,
+    and be continuous; an observed site must declare a datapoint's dims as event dims
+    (``.to_event(1)``), or its log-density is not one number per datapoint.
+
+    Returns
+    -------
+    LatentSpace
+        The model's latent sites.
+    """
+    space = LatentSpace.of(model, x, idx, num_data)
+    first = None if idx is None else idx[:1]
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(x[:1], first, num_data)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
+            continue
+        event_shape = tuple(site["fn"].event_shape)
+        if event_shape != tuple(site["value"].shape[1:]):
+            raise ValueError(
+                f"observed site {name!r} has event shape {event_shape} but each datapoint "
+                f"has shape {tuple(site['value'].shape[1:])}: the data must have the "
+                "model's width, and the model must declare a datapoint's dims as event "
+                "dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
+            )
+    return space
+
+
+def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse a guide that cannot serve as an importance proposal for ``model``.
+
+    It must have a site for each of the model's latents, no latent site the model does
+    not have (unless marked ``infer={"is_auxiliary": True}``), and no point mass.
+    """
+    check_guide_covers(model, guide, x[:1], idx[:1], num_data)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
+    _refuse_point_masses(trace)
+
+
+def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse a guide whose sites do not match the model's latents one to one.
+
+    A model latent with no guide site would be redrawn from its prior (by SVI at every
+    step, by the estimators in every sample) while its density stays in the joint; a
+    guide site that is no latent of the model adds a log q term with no log p term.
+    Sites marked for enumeration are left to the guide-less route they are meant for.
+    """
+    with torch.no_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    latents = {name for name, site in model_trace.nodes.items() if is_latent_site(site)}
+    missing = [
+        name for name in latents
+        if name not in guide_trace.nodes and not model_trace.nodes[name]["infer"].get("enumerate")
+    ]
+    if missing:
+        raise ValueError(
+            f"the model's latent sites {sorted(missing)} have no site in the guide "
+            f"({type(guide).__name__}): they would be drawn from the prior while their "
+            "density stays in the joint; give the guide a site of the same name for each"
+        )
+    extra = [
+        name for name, site in guide_trace.nodes.items()
+        if is_latent_site(site) and not site["infer"].get("is_auxiliary") and name not in latents
+    ]
+    if extra:
+        raise ValueError(
+            f"the guide ({type(guide).__name__}) has sample sites {sorted(extra)} that are "
+            "not latent sites of the model: their log q would count with no log p; rename "
+            "them to the model's sites or mark them infer={'is_auxiliary': True}"
+        )
+
+
+def check_conditionable(guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse a proposal whose log q(z) cannot be read by conditioning it on z.
+
+    AIS needs log q at any z. A guide without ``joint_distribution`` is conditioned on
+    the latents' values; a guide that draws them through auxiliary sites would then
+    redraw those sites, and its log q would be that of a fresh draw, not of z.
+    """
+    if callable(getattr(guide, "joint_distribution", None)):
+        return
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
+    auxiliary = [name for name, site in trace.nodes.items()
+                 if is_latent_site(site) and site["infer"].get("is_auxiliary")]
+    if auxiliary:
+        raise ValueError(
+            f"the proposal ({type(guide).__name__}) draws its latents through auxiliary "
+            f"sites {auxiliary}: AIS needs log q(z) at any z, which conditioning such a "
+            "guide on z does not give; use a guide that samples its latent sites directly, "
+            "a local guide of ppl_vae.fit_local, or proposal=None (the prior)"
+        )
+
+
+def _refuse_point_masses(trace) -> None:
+    """A Delta site is a point mass unless an auxiliary site carries its randomness (as
+    in guides that sample one joint vector and hand each latent its piece)."""
+    if any(site["type"] == "sample" and site["infer"].get("is_auxiliary")
+           for site in trace.nodes.values()):
+        return
+    for name, site in trace.nodes.items():
+        if is_latent_site(site) and _is_delta(site["fn"]):
+            raise ValueError(
+                f"guide site {name!r} is a point mass (Delta): it has no density to "
+                "weight by, so it cannot be an importance-sampling proposal; use an "
+                "encoder with a density or proposal='prior'"
+            )
+
+
+def _is_delta(fn) -> bool:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
