@@ -7,7 +7,7 @@ points switch Pyro to module-local parameters for their own call only
 
 from ppl_vae.ais import AISResult, BDMCResult, ais, bdmc
 from ppl_vae.checkpoint import CheckpointError
-from ppl_vae.data import load_dataset, sample_from_model
+from ppl_vae.data import load_dataset
 from ppl_vae.estimators import (
     Diagnostics,
     diagnostics,
@@ -18,6 +18,7 @@ from ppl_vae.estimators import (
     summarize_log_weights,
 )
 from ppl_vae.gaps import GapReport, RefinementCurve, fit_local, gaps, refine
+from ppl_vae.simulate import sample_from_model
 from ppl_vae.train import FitResult, Interrupted, fit
 
 __all__ = [

@@ -1,8 +1,7 @@
-"""Datasets: the embedded digits, the MNIST family, and synthetic data from a model.
+"""Datasets: the embedded digits and the MNIST family.
 
 ``load_dataset`` returns images as a float32 Tensor of shape (N, D) with values in
-[0, 1]; ``sample_from_model`` draws a synthetic dataset from any generative model that
-follows the project's model convention.
+[0, 1]. (Synthetic data drawn from a model: :func:`ppl_vae.simulate.sample_from_model`.)
 
 The MNIST-family files are looked up on disk (``root=``, then ``$PPL_VAE_DATA``, then
 the cache directory ``$XDG_CACHE_HOME/ppl_vae``) and downloaded into the cache, with
@@ -23,13 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyro
-import pyro.poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ppl_vae.settings import module_local
 from ppl_vae.validation import one_of, positive_int
 
 __all__ = [
@@ -37,7 +32,6 @@ __all__ = [
     "KNOWN_DATASETS",
     "dynamic_binarize",
     "load_dataset",
-    "sample_from_model",
 ]
 
 
@@ -140,7 +134,7 @@ def load_dataset(
           ``binarized_mnist_{split}.amat.gz`` / ``.amat``. It has no labels. Its test
           split is sorted by class: evaluate on ``limit=`` rows, never a prefix.
 
-        For synthetic data drawn from a model use :func:`sample_from_model`.
+        For synthetic data drawn from a model use :func:`ppl_vae.sample_from_model`.
     split : str
         Which split; see ``name``.
     root : str or os.PathLike, optional
@@ -222,59 +216,6 @@ def dynamic_binarize(x: Tensor, generator: torch.Generator | None = None) -> Ten
             f"[{x.min().item()}, {x.max().item()}] (or NaN)"
         )
     return torch.bernoulli(x, generator=generator)
-
-
-@module_local
-def sample_from_model(
-    model: torch.nn.Module, num_data: int, *, seed: int = 0
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Draw a synthetic dataset from a generative model.
-
-    The model follows the project convention: ``model(x, idx=None, num_data=None)``
-    with ``x=None`` samples ``num_data`` datapoints; the observed site is ``"x"``
-    and every other sample site (plates excluded) is a latent.
-
-    Parameters
-    ----------
-    model : pyro.nn.PyroModule
-        The generative model.
-    num_data : int
-        Number of datapoints N.
-    seed : int
-        Seed passed to ``pyro.set_rng_seed``; the caller's global RNG state is
-        restored afterwards.
-
-    Returns
-    -------
-    x : Tensor of shape (N, D)
-        The data, detached.
-    latents : dict of str to Tensor
-        The value of each latent site, e.g. ``latents["z"]`` of shape (N, K).
-    """
-    positive_int(num_data, "num_data")
-    state = pyro.util.get_rng_state()
-    try:
-        pyro.set_rng_seed(seed)
-        with torch.no_grad():
-            trace = pyro.poutine.trace(model).get_trace(None, None, num_data)
-    finally:
-        pyro.util.set_rng_state(state)
-    if "x" not in trace.nodes:
-        raise ValueError("model has no sample site named 'x' (the observed data)")
-    x = trace.nodes["x"]["value"].detach()
-    if x.dim() != 2 or len(x) != num_data:
-        raise ValueError(
-            f"the model's site 'x' must have shape (num_data={num_data}, D); got {tuple(x.shape)}"
-        )
-    latents = {
-        name: site["value"].detach()
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site_is_subsample(site)
-        and name != "x"
-    }
-    return x, latents
 
 
 # ----------------------------------------------------------------------- validation

@@ -213,8 +213,11 @@ class PyroProgram(nn.Module):
             key = _key(name)
             if key in self._parameters:
                 raise ValueError(f"two parameters of {_shown(self.fn)} map to one name {key!r}")
+            link = _link(name, leaf, roots)
+            if _MODULE_DIVIDER in name and roots and link.owner is None:
+                raise ValueError(_stale_module_message(name))
             self._parameters[key] = leaf  # the store's own tensor: trained in place
-            self._links[key] = _link(name, leaf, roots)
+            self._links[key] = link
         return self
 
     @contextlib.contextmanager
@@ -270,8 +273,15 @@ def _raw_trace(program, x: Tensor, role: str):
         raise ValueError(
             f"calling the {role} as {role}(x) on x of shape {tuple(x.shape)} failed with "
             f"{type(error).__name__}: {error}. A {role} that is not a PyroModule with "
-            f"forward(x, idx=None, num_data=None) is called with the data alone"
+            f"forward(x, idx=None, num_data=None) is called with the data alone{_hint(error)}"
         ) from error
+
+
+def _hint(error: Exception) -> str:
+    if "Shape mismatch inside plate" in str(error):
+        return ("; every dim of one datapoint must be an event dim: declare them with "
+                ".to_event(n), e.g. dist.Normal(loc, scale).to_event(1)")
+    return ""
 
 
 def _data_plate(trace, num_rows: int, wanted: str | None) -> str:
@@ -322,6 +332,21 @@ def _check_observed(trace, plate: str) -> None:
                 f"({type(site['fn']).__name__}, support {site['fn'].support}); for example "
                 "a Bernoulli likelihood needs data in {0, 1}"
             )
+
+
+# How pyro.module names a network's parameters in the param store: "decoder$$$0.weight".
+_MODULE_DIVIDER = "$$$"
+
+
+def _stale_module_message(name: str) -> str:
+    network = name.split(_MODULE_DIVIDER)[0]
+    return (
+        f"Pyro's param store already holds {name!r} from another network registered as "
+        f"pyro.module({network!r}, ...): Pyro then reads that network's tensor, not this "
+        "one's, so training would change numbers this model never uses. Call "
+        "pyro.clear_param_store() before building a second model, or give the networks "
+        "distinct names"
+    )
 
 
 def _leaf(value: Tensor) -> Tensor:

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import ppl_vae
-from ppl_vae.data import load_dataset, sample_from_model
+from ppl_vae.data import load_dataset
 from ppl_vae.guides import MLPEncoder
 from ppl_vae.models import VAE
 from ppl_vae.models.blocks import ACTIVATIONS, MLP
 from ppl_vae.models.vae import SIGMA_FLOOR
+from ppl_vae.simulate import sample_from_model
 
 HIDDEN = (64, 64)
 
