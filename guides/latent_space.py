@@ -97,14 +97,14 @@ class LatentSpace:
                 trace = poutine.trace(model).get_trace(x[:1], first, num_data)
         except (ValueError, RuntimeError) as error:
             raise ValueError(
-                f"{type(model).__name__} fails on a single datapoint ({error}); check that "
+                f"{_described(model)} fails on a single datapoint ({error}); check that "
                 f"every per-datapoint site is inside the {DATA_PLATE!r} plate and declares "
                 "its event dims with .to_event(n)"
             ) from error
         sites = tuple(_latent_site(name, site) for name, site in _latent_nodes(trace))
         if not sites:
             raise ValueError(
-                f"{type(model).__name__} has no latent sample site: there is nothing to "
+                f"{_described(model)} has no latent sample site: there is nothing to "
                 "infer"
             )
         return cls(sites)
@@ -169,6 +169,10 @@ class LatentSpace:
             values[site.name] = value
             log_dets[site.name] = _sum_to(site.transform.log_abs_det_jacobian(piece, value), batch)
         return values, log_dets
+
+
+def _described(model) -> str:
+    return getattr(model, "program_name", type(model).__name__)
 
 
 def _latent_nodes(trace):

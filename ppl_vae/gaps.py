@@ -48,7 +48,7 @@ from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
 from ppl_vae.programs import as_programs
 from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
-from ppl_vae.structure import check_guide, check_structure
+from ppl_vae.structure import check_guide, check_structure, described
 from ppl_vae.train import FitResult, fit, fit_checked
 from ppl_vae.validation import as_data, one_of, positive_int
 
@@ -499,6 +499,7 @@ def refine(
     progress: bool = True,
     tol: float | None = 1e-3,
     window: int = 25,
+    local: str | None = None,
     plate: str | None = None,
 ) -> RefinementCurve:
     """Semi-amortized inference: refine the encoder's output by SVI steps per datapoint.
@@ -513,8 +514,9 @@ def refine(
 
     Parameters
     ----------
-    model, guide : PyroModule
-        ``guide`` is an amortized Gaussian encoder.
+    model, guide : Pyro programs
+        ``guide`` is an amortized guide; a Gaussian encoder of one site is copied
+        exactly, any other starts each row at the moments of its draws.
     x : Tensor or ndarray of shape (N, D)
     steps : int
         SVI steps in all.
@@ -533,6 +535,10 @@ def refine(
         before by less than ``tol`` nats. The rate is then divided by ``LR_DECAY`` (3),
         at most ``LR_DECAYS`` (4) times, and held; every step still runs.
         ``tol=None`` keeps ``lr`` constant.
+    local : {"diag", "full", "flow"}, optional
+        The local family, when the guide's own cannot be read (as for :func:`gaps`).
+    plate : str, optional
+        The model's data plate, when it cannot be told from the model.
 
     Returns
     -------
@@ -546,7 +552,7 @@ def refine(
     num_samples = positive_int(num_samples, "num_samples")
     eval_every = max(1, steps // 20) if eval_every is None else eval_every
     eval_every = positive_int(eval_every, "eval_every")
-    local = _initial_local(model, x, _local_family(guide, x, None, True), guide, seed=seed)
+    local = _initial_local(model, x, _local_family(guide, x, local, True), guide, seed=seed)
     if seed is not None:
         pyro.set_rng_seed(seed)
     eval_seed = _eval_seed(seed)
@@ -762,7 +768,7 @@ def _local_family(guide, x, local, match_family) -> str:
     if local is not None:
         one_of(local, FAMILIES, "local")
     family = guide_family(guide, x)
-    name = type(guide).__name__
+    name = described(guide)
     if family is None:
         if local is None:
             raise ValueError(
@@ -842,7 +848,7 @@ def _log_px_method(model, log_px: str) -> str:
     has_marginal = callable(getattr(model, "marginal", None))
     if log_px == "exact" and not has_marginal:
         raise ValueError(
-            f"log_px='exact' needs a closed-form marginal(); {type(model).__name__} has "
+            f"log_px='exact' needs a closed-form marginal(); {described(model)} has "
             "none: use 'is' or 'ais'"
         )
     if log_px == "auto":

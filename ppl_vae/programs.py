@@ -190,6 +190,11 @@ class PyroProgram(nn.Module):
         self.plate = plate
         self._links: dict[str, _Link] = {}
 
+    @property
+    def program_name(self) -> str:
+        """The user's name for the program, for messages."""
+        return _shown(self.fn)
+
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
         if idx is None:
             idx = torch.arange(len(x), device=x.device)

@@ -102,7 +102,7 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> N
     if missing:
         raise ValueError(
             f"the model's latent sites {sorted(missing)} have no site in the guide "
-            f"({type(guide).__name__}): they would be drawn from the prior while their "
+            f"({described(guide)}): they would be drawn from the prior while their "
             "density stays in the joint; give the guide a site of the same name for each"
         )
     extra = [
@@ -111,7 +111,7 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> N
     ]
     if extra:
         raise ValueError(
-            f"the guide ({type(guide).__name__}) has sample sites {sorted(extra)} that are "
+            f"the guide ({described(guide)}) has sample sites {sorted(extra)} that are "
             "not latent sites of the model: their log q would count with no log p; rename "
             "them to the model's sites or mark them infer={'is_auxiliary': True}"
         )
@@ -132,11 +132,16 @@ def check_conditionable(guide, x: Tensor, idx: Tensor, num_data: int) -> None:
                  if is_latent_site(site) and site["infer"].get("is_auxiliary")]
     if auxiliary:
         raise ValueError(
-            f"the proposal ({type(guide).__name__}) draws its latents through auxiliary "
+            f"the proposal ({described(guide)}) draws its latents through auxiliary "
             f"sites {auxiliary}: AIS needs log q(z) at any z, which conditioning such a "
             "guide on z does not give; use a guide that samples its latent sites directly, "
             "a local guide of ppl_vae.fit_local, or proposal=None (the prior)"
         )
+
+
+def described(program) -> str:
+    """A model's or guide's name for messages: the user's own for a wrapped program."""
+    return getattr(program, "program_name", type(program).__name__)
 
 
 def _refuse_point_masses(trace) -> None:
