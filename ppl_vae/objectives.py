@@ -31,6 +31,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from ppl_vae.guides.latent_space import is_latent_site
+
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 # "exponential" ends at this fraction of the initial rate (Burda et al.'s schedule
 # decays by 10 over the run); "cosine" ends at zero.
@@ -67,7 +69,7 @@ class _LatentScale(Messenger):
         self.beta = beta
 
     def _process_message(self, msg) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+        if is_latent_site(msg):
             msg["scale"] = msg["scale"] * self.beta
 
 

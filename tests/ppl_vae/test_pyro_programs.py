@@ -319,6 +319,24 @@ def test_refusals_for_pyro_programs(clean_store):
     with pytest.raises(ValueError, match=r"\['e'\] have no site in the guide"):
         ppl_vae.fit(model, half_guide, x, num_steps=1, progress=False)
 
+    def extra_guide(x):
+        with pyro.plate("N", x.shape[0]):
+            pyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("e", dist.Normal(0.0, 1.0))
+            pyro.sample("stray", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"\['stray'\] that are not latent sites"):
+        ppl_vae.elbo(model, extra_guide, x, 4)
+
+    def discrete(x):
+        with pyro.plate("N", x.shape[0]):
+            k = pyro.sample("k", dist.Bernoulli(0.5))
+            pyro.sample("obs", dist.Normal(k[..., None].expand(x.shape), 1.0).to_event(1),
+                        obs=x)
+
+    with pytest.raises(ValueError, match="discrete support"):
+        ppl_vae.log_marginal(discrete, None, x, 4, proposal="prior")
+
 
 def test_a_stale_network_in_the_param_store_is_refused(clean_store):
     x = _digits(32)
