@@ -49,7 +49,7 @@ from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.densities import log_density, log_joint
+from ppl_vae.densities import log_density, log_joint, nan_sites
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.programs import as_programs
@@ -423,6 +423,8 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
                              jit=settings.jit)
             exact = None if reverse_from is None else reverse_from[rows]
             out = _anneal(target, chunk, betas, settings, exact, bar)
+            if bool(torch.isnan(out[0]).any()):
+                _refuse_nan(target, chunk, settings, exact, out[0])
             real = torch.cat([b.real for b in chunk]).to(x.device)
             positions = torch.cat([b.positions for b in chunk]).to(x.device)
             log_w[:, positions] = out[0][:, real]
@@ -597,6 +599,24 @@ def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Setti
                             refresh=False)
     acceptance = accept_sum / max(1, steps - 1)
     return log_w[: settings.num_chains], acceptance, eps
+
+
+def _refuse_nan(target: _Target, chunk, settings: _Settings, exact, log_w: Tensor) -> None:
+    """A NaN AIS weight: name the sites whose density is NaN at the chains' start."""
+    chains = settings.num_chains + settings.pilot_chains
+    noise = _Noise(chunk, settings.seed, chains, target.x)
+    u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape)
+    values, _ = target.space.unflatten(u)
+    with torch.no_grad(), pyro.plate("particles", chains, dim=-2):
+        trace = poutine.trace(poutine.condition(target.model, data=values)).get_trace(
+            target.x, target.idx, target.num_data)
+    found = nan_sites({"model": trace}, tuple(u.shape[:2]), target.idx)
+    rows = target.idx[torch.isnan(log_w).any(0)].tolist()
+    where = "; ".join(found) if found else f"datapoints {rows[:8]}"
+    raise ValueError(
+        f"AIS weights are NaN at {where}: the model's (or proposal's) log-density is NaN "
+        "there, which is a bug in the model, not a weight of zero; no estimate is returned"
+    )
 
 
 def _parts_nograd(target: _Target, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -97,3 +97,72 @@ def _sum_sites(trace, shape, names: set[str], latent: bool) -> Tensor:
         log_prob = _site_log_prob(site)
         total = log_prob if total is None else total + log_prob
     return torch.zeros(shape) if total is None else total.expand(shape)
+
+
+def refuse_nan(values: Tensor, traces: dict, shape: tuple[int, int], idx: Tensor) -> None:
+    """Raise a ValueError naming the sites and rows where a log-density is NaN.
+
+    ``values`` of shape ``shape`` (K, B) came from ``traces`` (role -> trace) of the
+    rows with dataset indices ``idx``. A NaN density is a bug in the model or guide (a
+    scale of 0, a log of a negative number), not a weight of zero: an estimate must
+    never average it in, nor quietly drop it.
+    """
+    if not bool(torch.isnan(values).any()):
+        return
+    found = nan_sites(traces, shape, idx)
+    rows = idx[torch.isnan(values).any(0).to(idx.device)].tolist()
+    where = "; ".join(found) if found else f"the log weights of rows {rows[:8]}"
+    raise ValueError(
+        f"the log-density is NaN at {where}: a NaN density is a bug in the model or guide "
+        "(a scale of 0, the log of a negative number, an overflow), not a weight of zero, "
+        "so no estimate is returned; fix the site's distribution for those rows"
+    )
+
+
+def nan_sites(traces: dict, shape: tuple[int, int], idx: Tensor) -> list[str]:
+    """"<role> site 'name' (rows [...])" for every site whose log-density is NaN where
+    the latents lie in their supports (outside them a likelihood may be NaN: such draws
+    score -inf)."""
+    found = []
+    for role, trace in traces.items():
+        outside = _outside(trace, shape)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            bad = _site_log_prob(site).expand(shape).isnan() & ~outside
+            columns = bad.any(0)
+            if bool(columns.any()):
+                rows = idx[columns.to(idx.device)].tolist()
+                found.append(f"{role} site {name!r} (datapoints {rows[:8]})")
+    return found
+
+
+def _outside(trace, shape) -> Tensor:
+    outside = torch.zeros(shape, dtype=torch.bool)
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+            continue
+        inside = _inside_support(site["fn"], site["value"])
+        if inside is not None:
+            outside = outside | ~inside.expand(shape).to(outside.device)
+    return outside
+
+
+def refuse_nan_in_trace(model, guide, x: Tensor, idx: Tensor, num_data: int,
+                        particles: int = 16) -> None:
+    """Draw ``particles`` samples of the guide on ``x`` and raise a ValueError naming
+    any model or guide site whose log-density is NaN (a loss that became NaN is then a
+    bug in the model, not a learning rate too large)."""
+    shape = (particles, len(x))
+    with torch.no_grad(), pyro.validation_enabled(False), \
+            pyro.plate("particles", particles, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    found = nan_sites({"model": model_trace, "guide": guide_trace}, shape, idx)
+    if found:
+        raise ValueError(
+            f"the loss became NaN, and the log-density is NaN at {'; '.join(found)}: a bug "
+            "in the model or guide (a scale of 0, the log of a negative number), not a "
+            "learning rate too large; fix the site's distribution for those rows"
+        )

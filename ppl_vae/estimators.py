@@ -31,8 +31,9 @@ import pyro
 import torch
 from pyro import poutine
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from ppl_vae.densities import log_density
+from ppl_vae.densities import log_density, refuse_nan
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.programs import as_programs
 from ppl_vae.seeding import base_seed, blocks, caller_rng_kept, check_seed, seed_torch
@@ -47,6 +48,8 @@ PROPOSALS = ("guide", "prior")
 # the draws of a seeded evaluation are; 256 x 16 samples of a 784-pixel decoder keep each
 # temporary near 13 MB.
 SAMPLE_BLOCK = 256
+# Seeded units of work from which an estimate shows a progress bar (~1 s of a VAE).
+PROGRESS_UNITS = 64
 
 
 @module_local
@@ -61,6 +64,7 @@ def log_weights(
     num_data: int | None = None,
     seed: int | None = None,
     plate: str | None = None,
+    progress: bool = True,
 ) -> Tensor:
     """Importance log weights log p(x, z) - log q(z | x), one column per datapoint.
 
@@ -86,6 +90,9 @@ def log_weights(
     plate : str, optional
         The name of the model's data plate, when it cannot be told from the model (the
         plate around the observed sites whose size is the number of rows).
+    progress : bool
+        Show a progress bar when the work is long (at least ``PROGRESS_UNITS`` blocks of
+        256 samples of 16 rows).
 
     Returns
     -------
@@ -93,7 +100,7 @@ def log_weights(
         -inf where a draw fell outside a latent's support.
     """
     return _weights(_Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed,
-                                 plate))
+                                 plate, progress))
 
 
 def log_weights_checked(model, guide, x: Tensor, num_samples: int, seed: int) -> Tensor:
@@ -247,10 +254,11 @@ class _Job:
     num_samples: int
     proposal: str
     seed: int
+    progress: bool = False
 
     @classmethod
     def checked(cls, model, guide, x, num_samples, proposal="guide", idx=None,
-                num_data=None, seed=None, plate=None) -> _Job:
+                num_data=None, seed=None, plate=None, progress=True) -> _Job:
         """Validate everything at the public boundary, before any work."""
         x = as_data(x, model)
         num_samples = positive_int(num_samples, "num_samples")
@@ -264,7 +272,7 @@ class _Job:
             if proposal == "guide":
                 check_guide(model, guide, x, idx, num_data)
             seed = base_seed(seed)
-        return cls(model, guide, x, idx, num_data, num_samples, proposal, seed)
+        return cls(model, guide, x, idx, num_data, num_samples, proposal, seed, progress)
 
     def blocks(self) -> list:
         """This process's blocks of rows (all of them without torch.distributed)."""
@@ -282,8 +290,12 @@ class _Job:
 
         The caller's random state is restored afterwards.
         """
-        with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
-            for block in self.blocks():
+        blocks_ = self.blocks()
+        total = len(blocks_) * math.ceil(self.num_samples / SAMPLE_BLOCK)
+        bar = tqdm(total=total, disable=not self.progress or total < PROGRESS_UNITS,
+                   desc="importance sampling", unit="block")
+        with bar, caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
+            for block in blocks_:
                 rows = block.rows.to(self.x.device)
                 positions = block.positions.to(self.x.device)
                 xb, ib = self.x[rows], self.idx[rows]
@@ -292,6 +304,7 @@ class _Job:
                     seed_torch(self.seed, block.number, number)
                     lw = _unit(self.model, self.guide, xb, ib, self.num_data, k, self.proposal)
                     yield positions, slice(start, start + k), lw[:, block.real.to(lw.device)]
+                    bar.update()
 
 
 def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:
@@ -299,9 +312,12 @@ def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:
     with pyro.plate("particles", k, dim=-2):
         if proposal == "prior":
             model_trace = poutine.trace(model).get_trace(x, idx, num_data)
-            return log_density(model_trace, shape, observed=True)
+            lw = log_density(model_trace, shape, observed=True)
+            refuse_nan(lw, {"model": model_trace}, shape, idx)
+            return lw
         guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
-    log_joint = log_density(model_trace, shape)
-    return log_joint - log_density(guide_trace, shape, observed=False)
+    lw = log_density(model_trace, shape) - log_density(guide_trace, shape, observed=False)
+    refuse_nan(lw, {"model": model_trace, "guide": guide_trace}, shape, idx)
+    return lw

@@ -12,6 +12,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.distributions import constraints
 
 from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
 from ppl_vae.validation import positive_int
@@ -53,9 +54,22 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
         The model's latent sites.
     """
     space = LatentSpace.of(model, x, idx, num_data)
+    check_observed(model, x, idx, num_data)
+    return space
+
+
+def check_observed(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> None:
+    """Refuse an observed site whose event shape is not one datapoint's shape."""
     first = None if idx is None else idx[:1]
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace = poutine.trace(model).get_trace(x[:1], first, num_data)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(x[:1], first, num_data)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{described(model)} fails on a single datapoint ({error}); every dim of one "
+            "datapoint must be an event dim: declare them with .to_event(n), e.g. "
+            "dist.Bernoulli(logits=...).to_event(1)"
+        ) from error
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
             continue
@@ -67,7 +81,6 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
                 "model's width, and the model must declare a datapoint's dims as event "
                 "dims, e.g. dist.Bernoulli(logits=...).to_event(1)"
             )
-    return space
 
 
 def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
@@ -80,6 +93,7 @@ def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
     with torch.no_grad(), pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
     _refuse_point_masses(trace)
+    _refuse_nan_density(guide, trace)
 
 
 def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
@@ -117,6 +131,39 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> N
         )
 
 
+def check_supports(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+    """Refuse, before training, a guide site over all reals for a constrained latent.
+
+    Its draws fall outside the latent's support, where the model's log-density is
+    meaningless (NaN or a finite number of nothing), so SVI gradients are garbage. (The
+    estimators instead score such draws -inf, which is right for importance sampling.)
+    """
+    with torch.no_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(x[:1], idx[:1], num_data)
+    for name, site in model_trace.nodes.items():
+        if not is_latent_site(site) or name not in guide_trace.nodes:
+            continue
+        drawn_by = guide_trace.nodes[name]["fn"]
+        if _is_delta(drawn_by):  # its value comes from an auxiliary draw, transformed
+            continue
+        if _all_reals(drawn_by.support) and not _all_reals(site["fn"].support):
+            raise ValueError(
+                f"guide site {name!r} draws from {type(drawn_by).__name__} over all reals, "
+                f"but the model's latent {name!r} has support {site['fn'].support}: SVI "
+                "would score draws outside it; give the guide a distribution on that "
+                "support (LogNormal, Gamma, or a TransformedDistribution through "
+                "torch.distributions.biject_to(support))"
+            )
+
+
+def _all_reals(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
 def check_conditionable(guide, x: Tensor, idx: Tensor, num_data: int) -> None:
     """Refuse a proposal whose log q(z) cannot be read by conditioning it on z.
 
@@ -137,6 +184,17 @@ def check_conditionable(guide, x: Tensor, idx: Tensor, num_data: int) -> None:
             "guide on z does not give; use a guide that samples its latent sites directly, "
             "a local guide of ppl_vae.fit_local, or proposal=None (the prior)"
         )
+
+
+def _refuse_nan_density(guide, trace) -> None:
+    """A guide site whose density is NaN at its own draw (a scale of 0, say)."""
+    for name, site in trace.nodes.items():
+        if is_latent_site(site) and bool(site["fn"].log_prob(site["value"]).isnan().any()):
+            raise ValueError(
+                f"guide site {name!r} of {described(guide)} has a NaN log-density at its "
+                f"own draw on the first datapoint ({type(site['fn']).__name__}; a scale of "
+                "0?): it cannot weight importance samples"
+            )
 
 
 def described(program) -> str:

@@ -8,10 +8,13 @@ they can be recorded once, with the parameters as inputs (through
 and replayed without the Python. Random draws are recorded as random ops, so each call
 still draws afresh from torch's generator.
 
-The first call of each shape is checked against the plain loss under the same seed; a
-model whose structure the trace did not capture falls back to the plain loss with a
-warning. A Python branch on the data's values cannot be seen that way: models with such
-branches need ``fit(..., jit=False)``.
+The first call of each shape is checked against the plain loss under the same seed,
+and so are the next ``CHECKED_CALLS`` calls, each with its own fresh draws: a trace
+freezes whatever Python decided while it was recorded (a branch on ``random.random()``,
+on a sampled value, on the data), and only calls that decide otherwise can show it. A
+mismatch falls back to the plain loss, with a warning. A branch that the checked calls
+happen to take alike cannot be seen: models with such branches need
+``fit(..., jit=False)``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import pyro.util
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
+
+# Calls after the first that are still checked against the plain loss, each on fresh
+# draws; a branch taken with probability 1/2 escapes all of them with probability 1/16.
+CHECKED_CALLS = 4
 
 
 class TracedLoss(nn.Module):
@@ -37,15 +44,46 @@ class TracedLoss(nn.Module):
         named = [*loss_module.named_parameters(), *loss_module.named_buffers()]
         self._names, self._params = zip(*named, strict=True)
         self._traces: dict[tuple, object] = {}
+        self._unchecked: dict[tuple, int] = {}
 
     def forward(self, x: Tensor, idx: Tensor, num_data: int) -> Tensor:
         key = (x.shape, x.dtype, idx.shape, num_data)
         traced = self._traces.get(key, False)
         if traced is False:
             traced = self._traces[key] = self._trace(x, idx, num_data)
+            self._unchecked[key] = CHECKED_CALLS
+            return self.loss_module(x, idx=idx, num_data=num_data) if traced is None \
+                else traced(x, idx, *self._params)
         if traced is None:
             return self.loss_module(x, idx=idx, num_data=num_data)
+        if self._unchecked[key]:
+            return self._checked_call(key, traced, x, idx, num_data)
         return traced(x, idx, *self._params)
+
+    def is_traced(self) -> bool:
+        """True while every minibatch shape seen so far runs traced."""
+        return bool(self._traces) and all(t is not None for t in self._traces.values())
+
+    def _checked_call(self, key, traced, x, idx, num_data) -> Tensor:
+        """The traced loss, compared with the plain one on the same fresh draws."""
+        self._unchecked[key] -= 1
+        state = pyro.util.get_rng_state()
+        with torch.no_grad():
+            expected = self.loss_module(x, idx=idx, num_data=num_data)
+        pyro.util.set_rng_state(state)
+        got = traced(x, idx, *self._params)
+        if _close(got.detach(), expected):
+            return got
+        warnings.warn(
+            f"the traced loss ({float(got)}) differs from the plain one ({float(expected)}) "
+            "on fresh draws: the model or guide decides something in Python that the trace "
+            "froze (a random branch, a branch on a sampled value); running it plainly from "
+            "now on (pass jit=False to skip tracing)",
+            stacklevel=4,
+        )
+        self._traces[key] = None
+        pyro.util.set_rng_state(state)
+        return self.loss_module(x, idx=idx, num_data=num_data)
 
     def _trace(self, x, idx, num_data):
         module, names, params = self.loss_module, self._names, self._params
@@ -69,7 +107,7 @@ class TracedLoss(nn.Module):
                               stacklevel=4)
                 return None
         pyro.util.set_rng_state(state)
-        if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        if not _close(got, expected):
             warnings.warn(
                 f"the traced loss ({float(got)}) differs from the plain one "
                 f"({float(expected)}): the model's structure is not static; running it "
@@ -78,3 +116,7 @@ class TracedLoss(nn.Module):
             )
             return None
         return traced
+
+
+def _close(got: Tensor, expected: Tensor) -> bool:
+    return bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-6))

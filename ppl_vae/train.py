@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,13 @@ from tqdm.auto import tqdm
 
 from ppl_vae.checkpoint import CheckpointError, atomic_save, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
+from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
 from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import frozen, module_local
-from ppl_vae.structure import check_guide_covers
+from ppl_vae.structure import check_guide_covers, check_observed, check_supports
 from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
@@ -206,6 +208,7 @@ def fit(
         On SIGINT or SIGTERM, after the checkpoint (if any) is written.
     """
     one_of(binarize, (None, "dynamic"), "binarize")
+    lr = positive_number(lr, "lr")
     loss = _loss_of(loss, objective, positive_int(num_particles, "num_particles"))
     if kl_warmup is not None:
         kl_warmup = positive_int(kl_warmup, "kl_warmup")
@@ -224,7 +227,10 @@ def fit(
     # per-call check).
     as_seen = torch.bernoulli if binarize == "dynamic" else _unchanged
     first = torch.zeros(1, dtype=torch.long, device=x.device)
-    check_guide_covers(model, guide, as_seen(x[:1]), first, num_data)
+    probe = x[:1].round() if binarize else x[:1]
+    check_observed(model, probe, first, num_data)
+    check_guide_covers(model, guide, probe, first, num_data)
+    check_supports(model, guide, probe, first, num_data)
     if batch_size is not None:
         batch_size = min(positive_int(batch_size, "batch_size"), num_data)
     batch_size = batch_size or num_data
@@ -281,11 +287,13 @@ def _loop(run, x, as_seen, callback, saver, signals, progress) -> None:
     """Steps from ``run.step`` to ``run.total``: checkpoints, interruptions, rollback."""
     bar = tqdm(total=run.total, initial=run.step, disable=not progress, desc="SVI", unit="step")
     anchor = None
+    watch = _DivergenceWatch()
     try:
         while run.step < run.total:
             if anchor is None or run.step % ANCHOR_EVERY == 0:
                 anchor = run.anchor()
             elbo = run.advance(x, as_seen, anchor, signals)
+            watch.see(run.step - 1, elbo)
             if progress:
                 bar.update()
                 bar.set_postfix(elbo=f"{elbo:.3f}", refresh=False)
@@ -303,6 +311,35 @@ def _loop(run, x, as_seen, callback, saver, signals, progress) -> None:
         saver.save(run)
     finally:
         bar.close()
+
+
+class _DivergenceWatch:
+    """Warn once when the training ELBO falls orders of magnitude below where it began.
+
+    A run whose learning rate is far too large can stay finite while the ELBO drops
+    from tens of nats to 1e14: no NaN is raised, and the result is meaningless.
+    """
+
+    FIRST_STEPS = 10
+    FACTOR = 100.0
+
+    def __init__(self):
+        self.first: list[float] = []
+        self.warned = False
+
+    def see(self, step: int, elbo: float) -> None:
+        if len(self.first) < self.FIRST_STEPS:
+            self.first.append(elbo)
+            return
+        start = float(np.median(self.first))
+        if not self.warned and elbo < start - self.FACTOR * max(1.0, abs(start)):
+            self.warned = True
+            warnings.warn(
+                f"the training ELBO fell from about {start:.4g} (its first steps) to "
+                f"{elbo:.4g} at step {step}, orders of magnitude lower: the run is "
+                "diverging (try a smaller lr, or clip_norm)",
+                stacklevel=5,
+            )
 
 
 def _refuse_coupled_minibatches(guide, batch_size: int, num_data: int) -> None:
@@ -539,8 +576,13 @@ class _Training:
         rank, world = rank_and_size()
         idx = idx[rank::world] if world > 1 else idx
         num_data = self.batches.num_data
-        value = _step(self.loss_fn, self.opt, as_seen(x[idx]), idx, num_data, self.step,
-                      self.params, self.clip_norm)
+        xb = as_seen(x[idx])
+        try:
+            value = _step(self.loss_fn, self.opt, xb, idx, num_data, self.step, self.params,
+                          self.clip_norm)
+        except FloatingPointError:
+            refuse_nan_in_trace(self.model, self.guide, xb, idx, num_data)
+            raise
         received = signals is not None and signals.received is not None
         value, received = agree(value, received)
         if received and signals.received is None:

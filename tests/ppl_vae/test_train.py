@@ -101,8 +101,9 @@ class _BreaksAtStep(PPCA):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_parameters(setup):
     _, guide, x = setup
-    # Call 1 is fit's one-row structure check, so call 5 is the 4th step (index 3).
-    model = _BreaksAtStep(bad_call=5).double()
+    # Calls 1 to 3 are fit's one-row checks (observed sites, guide coverage, supports),
+    # so call 7 is the 4th step (index 3).
+    model = _BreaksAtStep(bad_call=7).double()
     # jit=False: a model that changes at its 4th call is not of static structure.
     with pytest.raises(FloatingPointError, match="at step 3"):
         ppl_vae.fit(model, guide, x, num_steps=10, lr=1e-2, progress=False, jit=False)
