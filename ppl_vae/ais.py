@@ -283,7 +283,7 @@ def bdmc(
     model, x, proposal, num_steps, num_chains, ... : as for :func:`ais`
     latents : dict of str to Tensor
         The value of every latent site of the model for each row of x, shape
-        (N, *event_shape).
+        ``(N, *event_shape)``.
 
     Returns
     -------

@@ -154,7 +154,7 @@ def load_dataset(
         ``torch.Generator`` seeded by ``seed``: the same binary data on every call,
         and the same pixels for a row whatever ``limit`` is. ``"dynamic"`` returns the
         intensities unchanged: pass ``binarize="dynamic"`` to ``ppl_vae.fit``, which
-        redraws a Bernoulli sample for each minibatch (see :func:`dynamic_binarize`).
+        redraws a Bernoulli sample for each minibatch (see :func:`ppl_vae.data.dynamic_binarize`).
         ``"threshold"`` sets a pixel to 1 where its intensity exceeds 0.5
         (``THRESHOLD``), as Cremer et al. binarize Fashion-MNIST. On
         ``binarized_mnist`` binarizing changes nothing.
@@ -179,7 +179,7 @@ def load_dataset(
     ValueError
         Unknown name, split or binarize mode; ``limit`` not a positive int; labels
         asked of ``binarized_mnist``; a corrupt data file.
-    DatasetNotFoundError
+    ppl_vae.data.DatasetNotFoundError
         (a ``FileNotFoundError``) the files are nowhere and could not be downloaded;
         the message says which files to put in which directory.
     """
