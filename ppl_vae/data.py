@@ -182,6 +182,15 @@ def load_dataset(
     ppl_vae.data.DatasetNotFoundError
         (a ``FileNotFoundError``) the files are nowhere and could not be downloaded;
         the message says which files to put in which directory.
+
+    Examples
+    --------
+    >>> import ppl_vae
+    >>> x = ppl_vae.load_dataset("digits", split="test")
+    >>> x.shape, float(x.min()), float(x.max())
+    (torch.Size([300, 64]), 0.0, 1.0)
+    >>> ppl_vae.load_dataset("digits", split="test", binarize="static").unique().tolist()
+    [0.0, 1.0]
     """
     _check_args(name, split, binarize, limit, return_labels)
     images, labels, scale = _load_raw(name, split, root, download, return_labels)
