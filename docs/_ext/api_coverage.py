@@ -12,9 +12,6 @@ import importlib
 import inspect
 import sys
 
-from sphinx.util import logging
-
-logger = logging.getLogger(__name__)
 PACKAGES = ("ppl_vae", "ppl_vae.models", "ppl_vae.guides")
 NOT_METHODS = {"forward"}  # a model's or guide's Pyro program: the class docstring says it
 
@@ -86,13 +83,23 @@ def public_objects():
                     yield f"{package}.{name}.{member}", doc_of_member(obj, member)
 
 
-def check(app, env) -> None:
-    documented = env.get_domain("py").objects
-    for full_name, doc in public_objects():
+def problems(documented, objects=None) -> list[str]:
+    """What is wrong with the public API, given the names the reference describes."""
+    found = []
+    for full_name, doc in public_objects() if objects is None else objects:
         if not doc:
-            logger.warning("public API without a docstring: %s", full_name)
-        if full_name not in documented:
-            logger.warning("public API missing from the reference: %s", full_name)
+            found.append(f"public API without a docstring: {full_name}")
+        if documented is not None and full_name not in documented:
+            found.append(f"public API missing from the reference: {full_name}")
+    return found
+
+
+def check(app, env) -> None:
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
+    for problem in problems(env.get_domain("py").objects):
+        logger.warning(problem)
 
 
 def skip_member(app, what, name, obj, skip, options):
