@@ -33,7 +33,6 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_param = False
 napoleon_use_rtype = False
-napoleon_use_ivar = True
 napoleon_preprocess_types = False
 # Attributes as a field list like Parameters: types stay text there too.
 napoleon_custom_sections = [("Attributes", "params_style")]
