@@ -35,6 +35,14 @@ class LinearEncoder(PyroModule):
     ----------
     family : str
         ``covariance``: the variational family, which ``gaps`` matches a local guide to.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.guides import LinearEncoder
+    >>> q = LinearEncoder(64, 2, covariance="full").distribution(torch.rand(10, 64))
+    >>> q.batch_shape, q.event_shape
+    (torch.Size([10]), torch.Size([2]))
     """
 
     def __init__(self, data_dim: int, latent_dim: int, *, covariance: str = "diag"):
@@ -116,6 +124,14 @@ class MLPEncoder(PyroModule):
     ----------
     family : str
         ``covariance``: the variational family, which ``gaps`` matches a local guide to.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.guides import MLPEncoder
+    >>> q = MLPEncoder(64, 2, hidden=(16,)).distribution(torch.rand(10, 64))
+    >>> q.batch_shape, q.event_shape
+    (torch.Size([10]), torch.Size([2]))
     """
 
     def __init__(
@@ -203,6 +219,14 @@ class DeltaEncoder(PyroModule):
     ----------
     family : str
         ``"delta"``: no density, so no importance proposal and no local family.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.guides import DeltaEncoder
+    >>> encoder = DeltaEncoder(64, 2, hidden=(16,))
+    >>> encoder.family, encoder.distribution(torch.rand(10, 64)).sample().shape
+    ('delta', torch.Size([10, 2]))
     """
 
     family = "delta"
@@ -279,6 +303,15 @@ class FlowEncoder(PyroModule):
     ----------
     family : str
         ``"flow"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.guides import FlowEncoder
+    >>> q = FlowEncoder(64, 2, hidden=(16,)).distribution(torch.rand(10, 64))
+    >>> z = q.rsample()
+    >>> z.shape, q.log_prob(z).shape
+    (torch.Size([10, 2]), torch.Size([10]))
     """
 
     family = "flow"

@@ -48,10 +48,12 @@ class LatentSite:
 
     @cached_property
     def unconstrained_shape(self) -> torch.Size:
+        """Event shape of the unconstrained value."""
         return torch.Size(self.transform.inverse_shape(self.event_shape))
 
     @property
     def size(self) -> int:
+        """Number of unconstrained coordinates of the site."""
         return math.prod(self.unconstrained_shape)
 
     @property
@@ -74,10 +76,12 @@ class LatentSpace:
 
     @property
     def dim(self) -> int:
+        """d, the total size of the unconstrained latents."""
         return sum(site.size for site in self.sites)
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The latent sites' names, in the model's order."""
         return tuple(site.name for site in self.sites)
 
     @classmethod
@@ -116,7 +120,7 @@ class LatentSpace:
         -------
         values : dict of str to Tensor of shape (..., *event_shape)
         log_det : Tensor of shape (...)
-            log |det d values / d u|, summed over the sites.
+            ``log |det d values / d u|``, summed over the sites.
         """
         batch = u.shape[:-1]
         values, log_det, start = {}, u.new_zeros(batch), 0
@@ -142,7 +146,7 @@ class LatentSpace:
         return torch.cat(pieces, -1)
 
     def log_det(self, u: Tensor) -> Tensor:
-        """log |det d values / d u| of ``u`` of shape (..., d), shape (...)."""
+        """``log |det d values / d u|`` of ``u`` of shape (..., d), shape (...)."""
         return self.unflatten(u)[1]
 
     def unflatten_sites(self, u: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -155,7 +159,7 @@ class LatentSpace:
         -------
         values : dict of str to Tensor of shape (..., *event_shape)
         log_dets : dict of str to Tensor of shape (...)
-            log |det d value / d piece| of each site (zeros for real sites).
+            ``log |det d value / d piece|`` of each site (zeros for real sites).
         """
         batch = u.shape[:-1]
         values, log_dets, start = {}, {}, 0

@@ -22,6 +22,17 @@ class PPCA(LinearGaussian):
         k, the dimension of z.
     sigma : float
         Initial noise standard deviation (learnable, kept positive).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.models import PPCA
+    >>> x = torch.randn(100, 5, generator=torch.Generator().manual_seed(0))
+    >>> model = PPCA.from_data(x, latent_dim=2)  # the closed-form maximum likelihood
+    >>> model.marginal().event_shape, model.posterior(x).batch_shape
+    (torch.Size([5]), torch.Size([100]))
+    >>> model.score(x) > PPCA(5, 2).score(x)
+    True
     """
 
     def __init__(self, data_dim: int, latent_dim: int, *, sigma: float = 1.0):

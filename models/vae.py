@@ -54,6 +54,14 @@ class VAE(PyroModule):
     ----------
     decoder : MLP
         f, mapping z of shape (..., k) to the likelihood's parameters, shape (..., D).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_vae.models import VAE
+    >>> model = VAE(64, 2, hidden=(16,))
+    >>> model.decode(torch.zeros(3, 2)).shape  # pixel probabilities of p(x | z)
+    torch.Size([3, 64])
     """
 
     def __init__(

@@ -247,6 +247,20 @@ def ais(
     Returns
     -------
     AISResult
+
+    Examples
+    --------
+    From the exact posterior every annealing step leaves the weights at p(x):
+
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> from ppl_vae.guides import ExactPosterior
+    >>> _ = torch.manual_seed(0)
+    >>> model, x = PPCA(5, 2), torch.randn(8, 5)
+    >>> result = ppl_vae.ais(model, x, proposal=ExactPosterior(model), num_steps=5,
+    ...                      num_chains=4, seed=0, progress=False)
+    >>> torch.allclose(result.log_marginal, model.score_samples(x), atol=1e-4)
+    True
     """
     model, proposal, x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,
@@ -290,11 +304,23 @@ def bdmc(
     model, x, proposal, num_steps, num_chains, ... : as for :func:`ais`
     latents : dict of str to Tensor
         The value of every latent site of the model for each row of x, shape
-        (N, *event_shape).
+        ``(N, *event_shape)``.
 
     Returns
     -------
     BDMCResult
+
+    Examples
+    --------
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> _ = torch.manual_seed(0)
+    >>> model = PPCA(5, 2)
+    >>> x, latents = ppl_vae.sample_from_model(model, 8, seed=0)
+    >>> result = ppl_vae.bdmc(model, x, latents, num_steps=20, num_chains=4, seed=0,
+    ...                       progress=False)
+    >>> result.lower.shape, bool(result.gap > 0)  # more steps close the sandwich
+    (torch.Size([8]), True)
     """
     model, proposal, x, idx, num_data, betas, settings, space = _checked(
         model, x, proposal, num_steps, num_chains, leapfrog_steps, step_size,

@@ -148,7 +148,7 @@ def load_dataset(
         ``torch.Generator`` seeded by ``seed``: the same binary data on every call,
         and the same pixels for a row whatever ``limit`` is. ``"dynamic"`` returns the
         intensities unchanged: pass ``binarize="dynamic"`` to ``ppl_vae.fit``, which
-        redraws a Bernoulli sample for each minibatch (see :func:`dynamic_binarize`).
+        redraws a Bernoulli sample for each minibatch (see :func:`ppl_vae.data.dynamic_binarize`).
         ``"threshold"`` sets a pixel to 1 where its intensity exceeds 0.5
         (``THRESHOLD``), as Cremer et al. binarize Fashion-MNIST. On
         ``binarized_mnist`` binarizing changes nothing.
@@ -173,9 +173,18 @@ def load_dataset(
     ValueError
         Unknown name, split or binarize mode; ``limit`` not a positive int; labels
         asked of ``binarized_mnist``; a corrupt data file.
-    DatasetNotFoundError
+    ppl_vae.data.DatasetNotFoundError
         (a ``FileNotFoundError``) the files are nowhere and could not be downloaded;
         the message says which files to put in which directory.
+
+    Examples
+    --------
+    >>> import ppl_vae
+    >>> x = ppl_vae.load_dataset("digits", split="test")
+    >>> x.shape, float(x.min()), float(x.max())
+    (torch.Size([300, 64]), 0.0, 1.0)
+    >>> ppl_vae.load_dataset("digits", split="test", binarize="static").unique().tolist()
+    [0.0, 1.0]
     """
     _check_args(name, split, binarize, limit, return_labels)
     images, labels, scale = _load_raw(name, split, root, download, return_labels)

@@ -124,6 +124,19 @@ def log_marginal(model, guide, x, num_samples: int = 1000, **kwargs) -> Tensor:
     log p(x_n) ~= logsumexp_k log w[k, n] - log K; a lower bound in expectation that
     tightens as K grows. It streams over K with an exact running logsumexp, so memory
     stays bounded whatever K is. Keywords as for :func:`log_weights`.
+
+    Examples
+    --------
+    With the exact posterior as the proposal every weight is p(x), whatever K:
+
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> from ppl_vae.guides import ExactPosterior
+    >>> _ = torch.manual_seed(0)
+    >>> model, x = PPCA(5, 2), torch.randn(8, 5)
+    >>> log_px = ppl_vae.log_marginal(model, ExactPosterior(model), x, num_samples=10, seed=0)
+    >>> torch.allclose(log_px, model.score_samples(x), atol=1e-4)
+    True
     """
     job = _Job.checked(model, guide, x, num_samples, **kwargs)
     running = torch.full((len(job.x),), -torch.inf, dtype=job.x.dtype, device=job.x.device)
@@ -137,6 +150,18 @@ def elbo(model, guide, x, num_samples: int = 100, **kwargs) -> Tensor:
     """Monte Carlo ELBO per datapoint, E_q[log w], Tensor of shape (N,).
 
     Streams over K like :func:`log_marginal`. Keywords as for :func:`log_weights`.
+
+    Examples
+    --------
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> from ppl_vae.guides import LinearEncoder
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(8, 2) @ torch.randn(2, 5) + torch.randn(8, 5)
+    >>> model, guide = PPCA.from_data(x, latent_dim=2), LinearEncoder(5, 2)
+    >>> bound = ppl_vae.elbo(model, guide, x, num_samples=100, seed=0)
+    >>> bound.shape, bool((bound < model.score_samples(x)).all())  # below the exact log p(x)
+    (torch.Size([8]), True)
     """
     job = _Job.checked(model, guide, x, num_samples, **kwargs)
     total = torch.zeros(len(job.x), dtype=job.x.dtype, device=job.x.device)
@@ -181,6 +206,17 @@ def diagnostics(model, guide, x, num_samples: int = 1000, **kwargs) -> Diagnosti
     """log p(x), ELBO, standard errors, ESS and PSIS k-hat per datapoint.
 
     Keywords as for :func:`log_weights`.
+
+    Examples
+    --------
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> from ppl_vae.guides import LinearEncoder
+    >>> _ = torch.manual_seed(0)
+    >>> model, guide, x = PPCA(5, 2), LinearEncoder(5, 2), torch.randn(8, 5)
+    >>> d = ppl_vae.diagnostics(model, guide, x, num_samples=200, seed=0)
+    >>> d.khat.shape, bool(((d.ess >= 1) & (d.ess <= 200)).all())
+    (torch.Size([8]), True)
     """
     return summarize_log_weights(log_weights(model, guide, x, num_samples, **kwargs))
 

@@ -206,6 +206,20 @@ def fit(
         parameters and optimizer state are restored to those after the last finite step.
     Interrupted
         On SIGINT or SIGTERM, after the checkpoint (if any) is written.
+
+    Examples
+    --------
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> from ppl_vae.guides import LinearEncoder
+    >>> _ = torch.manual_seed(0)
+    >>> model, guide, x = PPCA(5, 2), LinearEncoder(5, 2), torch.randn(64, 5)
+    >>> result = ppl_vae.fit(model, guide, x, epochs=25, batch_size=32, lr=0.05, seed=0,
+    ...                      progress=False)
+    >>> result.num_steps, result.history.shape
+    (50, (50,))
+    >>> bool(result.history[-10:].mean() > result.history[:10].mean())  # the ELBO rose
+    True
     """
     one_of(binarize, (None, "dynamic"), "binarize")
     lr = positive_number(lr, "lr")
