@@ -385,3 +385,43 @@ def test_guides_without_rsample_or_density_are_refused(gradient, objective):
         with pytest.raises(ValueError, match=match):
             ppl_vae.fit(model, guide, x, num_steps=1, progress=False, gradient=gradient,
                         objective=objective)
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def test_the_cli_passes_gradient_to_fit_and_keeps_it_in_the_checkpoint(tmp_path, monkeypatch):
+    from ppl_vae import cli
+    from tests.ppl_vae.test_cli import TINY
+
+    seen = {}
+    fit = cli.ppl_vae.fit
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(cli.ppl_vae, "fit", spy)
+    cli.run(["fit", *TINY, "--objective", "iwae", "--particles", "3", "--gradient", "dreg",
+             "--out", str(tmp_path)])
+    assert (seen["gradient"], seen["objective"]) == ("dreg", "iwae")
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert config["gradient"] == "dreg"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--gradient", "dreg"], "--gradient dreg is an estimator for --objective iwae"),
+    (["--gradient", "stl", "--objective", "iwae"], "--objective elbo"),
+    (["--gradient", "dreg", "--objective", "iwae", "--kl-warmup", "5"], "--kl-warmup 5"),
+])
+def test_the_cli_refuses_a_gradient_that_does_not_fit_before_training(tmp_path, capsys,
+                                                                      monkeypatch, argv,
+                                                                      expected):
+    from ppl_vae import cli
+    from tests.ppl_vae.test_cli import fails_in_one_line
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(cli, "train", refuse)
+    fails_in_one_line(["fit", *argv, "--quiet", "--out", str(tmp_path)], capsys, expected)
