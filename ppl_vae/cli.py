@@ -33,6 +33,7 @@ from ppl_vae import checkpoint
 from ppl_vae.checkpoint import CheckpointError, atomic_save
 from ppl_vae.data import load_dataset
 from ppl_vae.distributed import rank_and_size
+from ppl_vae.gradients import GRADIENTS, check_gradient
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.objectives import LR_SCHEDULES
@@ -68,6 +69,7 @@ class RunConfig:
     seed: int = 0
     objective: str = "elbo"
     particles: int = 1
+    gradient: str = "reparam"
     kl_warmup: int = 0
     lr_schedule: str = "constant"
     clip_norm: float = 0.0
@@ -163,7 +165,7 @@ def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
     ppl_vae.fit(model, guide, x, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 seed=cfg.seed, progress=progress, checkpoint=checkpoint_path,
                 checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra,
-                objective=cfg.objective, num_particles=cfg.particles,
+                objective=cfg.objective, num_particles=cfg.particles, gradient=cfg.gradient,
                 kl_warmup=cfg.kl_warmup or None, lr_schedule=cfg.lr_schedule,
                 clip_norm=cfg.clip_norm or None,
                 binarize="dynamic" if cfg.binarize == "dynamic" else None)
@@ -176,6 +178,8 @@ def check_config(cfg: RunConfig) -> None:
     one_of(cfg.guide, GUIDES, "--guide")
     one_of(cfg.likelihood, LIKELIHOODS, "--likelihood")
     one_of(cfg.objective, OBJECTIVES, "--objective")
+    check_gradient(cfg.gradient, objective=cfg.objective, custom_loss=False,
+                   kl_warmup=cfg.kl_warmup or None, flags=True)
     one_of(cfg.lr_schedule, LR_SCHEDULES, "--lr-schedule")
     one_of(cfg.binarize, BINARIZE, "--binarize")
     for name in ("latent_dim", "epochs", "batch_size", "particles"):
@@ -375,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--particles", type=int,
                        help=f"samples per datapoint of the objective (default "
                        f"{defaults.particles})")
+        p.add_argument("--gradient", choices=GRADIENTS,
+                       help="gradient estimator (default reparam); stl for --objective "
+                       "elbo, dreg for --objective iwae: same objective, lower variance")
         p.add_argument("--kl-warmup", type=int, metavar="STEPS",
                        help="steps over which the latent terms' weight rises to 1 "
                        f"(default {defaults.kl_warmup}: none)")

@@ -26,6 +26,7 @@ from ppl_vae.checkpoint import CheckpointError, atomic_save, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
 from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
+from ppl_vae.gradients import check_gradient, check_reparameterized, estimator
 from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
 from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed
@@ -83,6 +84,7 @@ def fit(
     loss: ELBO | None = None,
     objective: str = "elbo",
     num_particles: int = 1,
+    gradient: str = "reparam",
     kl_warmup: int | None = None,
     lr_schedule: str | Callable[[int, int], float] = "constant",
     clip_norm: float | None = None,
@@ -132,6 +134,15 @@ def fit(
         IWAE bound per datapoint.
     num_particles : int
         Samples per datapoint for the objective.
+    gradient : {"reparam", "stl", "dreg"}
+        How the gradient of the objective is estimated (``ppl_vae.gradients``); the
+        objective and the history are the same. ``"reparam"``: the reparameterized
+        gradient (Pyro's). ``"stl"``: sticking the landing (Roeder et al. 2017), for
+        ``objective="elbo"``: log q's parameters are stopped, dropping its zero-mean
+        score term, so the guide's gradient vanishes as q reaches the posterior.
+        ``"dreg"``: doubly reparameterized gradients (Tucker et al. 2018) for
+        ``objective="iwae"`` (not with ``kl_warmup``), one more model pass per step.
+        Both need every guide site to have ``rsample`` and refuse a custom ``loss``.
     kl_warmup : int, optional
         Steps of KL warm-up: the latent sites' log-densities (in model and guide) are
         weighted by ``min(1, (step + 1) / kl_warmup)``, observed sites fully. The
@@ -223,6 +234,8 @@ def fit(
     """
     one_of(binarize, (None, "dynamic"), "binarize")
     lr = positive_number(lr, "lr")
+    check_gradient(gradient, objective=objective, custom_loss=loss is not None,
+                   kl_warmup=kl_warmup)
     loss = _loss_of(loss, objective, positive_int(num_particles, "num_particles"))
     if kl_warmup is not None:
         kl_warmup = positive_int(kl_warmup, "kl_warmup")
@@ -245,6 +258,9 @@ def fit(
     check_observed(model, probe, first, num_data)
     check_guide_covers(model, guide, probe, first, num_data)
     check_supports(model, guide, probe, first, num_data)
+    if gradient != "reparam":
+        check_reparameterized(gradient, model, guide, probe, first, num_data)
+        loss = estimator(gradient, num_particles)
     if batch_size is not None:
         batch_size = min(positive_int(batch_size, "batch_size"), num_data)
     batch_size = batch_size or num_data
