@@ -18,6 +18,7 @@ from ppl_vae.estimators import (
     summarize_log_weights,
 )
 from ppl_vae.gaps import GapReport, RefinementCurve, fit_local, gaps, refine
+from ppl_vae.surgery import SurgeryReport, elbo_surgery
 from ppl_vae.train import FitResult, Interrupted, fit
 
 __all__ = [
@@ -29,10 +30,12 @@ __all__ = [
     "GapReport",
     "Interrupted",
     "RefinementCurve",
+    "SurgeryReport",
     "ais",
     "bdmc",
     "diagnostics",
     "elbo",
+    "elbo_surgery",
     "fit",
     "fit_local",
     "gaps",
