@@ -169,6 +169,11 @@ class SurgeryReport:
                 data[f.name] = math.nan
         return cls(**data, per_datapoint=per)
 
+    @classmethod
+    def from_json(cls, text: str) -> SurgeryReport:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
     def plot(self, ax=None):
         """KL per dimension, sorted, active units marked; see :func:`plot_kl_per_dim`."""
         return plot_kl_per_dim(self, ax=ax)
@@ -319,9 +324,11 @@ def _traces(job: _Job, x: Tensor, idx: Tensor, size: int):
 def _keep(out: _Drawn, space, guide_trace, model_trace, samples: slice, positions, real, k):
     """Store one unit's densities, draws and per-coordinate terms at its rows."""
     shape = (samples.stop - samples.start, len(real))
-    out.log_lik[samples, positions] = log_density(model_trace, shape, observed=True)[:, real].double()
-    out.log_prior[samples, positions] = log_density(model_trace, shape, observed=False)[:, real].double()
-    out.log_q[samples, positions] = log_density(guide_trace, shape, observed=False)[:, real].double()
+    for name, trace, observed in (("log_lik", model_trace, True),
+                                  ("log_prior", model_trace, False),
+                                  ("log_q", guide_trace, False)):
+        values = log_density(trace, shape, observed=observed)[:, real]
+        getattr(out, name)[samples, positions] = values.double()
     for name, site in _replayable(guide_trace):
         value = site["value"].expand(*shape, *site["value"].shape[2:])[:, real]
         if name not in out.draws:
@@ -603,8 +610,9 @@ def plot_kl_per_dim(report: SurgeryReport, ax=None):
     twin.set_ylabel("activity")
     from matplotlib.patches import Patch
 
+    inactive = report.num_latent_dims - report.active_units
     handles = [Patch(color="C0", label=f"active ({report.active_units})"),
-               Patch(color="0.7", label=f"inactive ({report.num_latent_dims - report.active_units})"),
+               Patch(color="0.7", label=f"inactive ({inactive})"),
                *twin.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="upper right", fontsize="small")
     ax.set_title("ELBO surgery: KL per latent dimension")
