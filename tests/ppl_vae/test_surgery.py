@@ -426,3 +426,47 @@ def test_bad_surgery_arguments_fail_before_training(tmp_path, capsys, monkeypatc
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def distributed_problem():
+    """A PPCA, an MC-mean guide (activity from draws) and 37 rows: partial row blocks."""
+    pyro.set_rng_seed(0)
+    model = PPCA(5, 2).double()
+    with torch.no_grad():
+        model.W.mul_(3.0)
+    return model, NoMeanPosterior(model), draw(model, 37, seed=1)
+
+
+def surgery_tensors(report) -> dict:
+    return {**report.per_datapoint, "kl_per_dim": report.kl_per_dim,
+            "activity": report.activity}
+
+
+def _surgery_worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=world)
+    try:
+        model, guide, x = distributed_problem()
+        report = ppl_vae.elbo_surgery(model, guide, x, num_samples=5, chunk_size=64, seed=3)
+        torch.save(surgery_tensors(report), f"{path}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_give_every_rank_the_one_process_report(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.ppl_vae.test_distributed import free_port
+
+    model, guide, x = distributed_problem()
+    expected = surgery_tensors(
+        ppl_vae.elbo_surgery(model, guide, x, num_samples=5, chunk_size=64, seed=3))
+    mp.spawn(_surgery_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-9, equal_nan=True,
+                                       msg=f"rank {rank}, {name}")
