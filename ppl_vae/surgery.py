@@ -367,7 +367,7 @@ def _report(job: _Job, space, drawn: _Drawn, log_qbar, own_score, threshold) -> 
             torch.full_like(per[name], math.nan)
         means[name] = float(per[name].mean())
         means[name + "_se"] = _mean_se(per[name], per[name + "_se"])
-    kl_dim = drawn.kl_dim_sum / k
+    kl_dim = (drawn.kl_dim_sum / k).cpu()
     kl_dim[:, _unavailable(space, drawn.methods)] = math.nan
     activity = _activity(drawn, k)
     n = len(job.x)
