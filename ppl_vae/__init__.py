@@ -1,8 +1,10 @@
 """ppl-vae: latent variable models in Pyro, and how good their inference is.
 
-Every model and guide keeps its parameters in its own ``nn.Module``: the library's entry
-points switch Pyro to module-local parameters for their own call only
-(``ppl_vae.settings.module_local``), so importing it changes nothing for other Pyro code.
+Models and guides may be any Pyro program taking the data (``ppl_vae.programs`` turns
+them into the engine's form at every entry point). The library's own modules keep their
+parameters to themselves: the entry points switch Pyro to module-local parameters for
+their own call only (``ppl_vae.settings.module_local``), so importing it changes nothing
+for other Pyro code.
 """
 
 from ppl_vae.ais import AISResult, BDMCResult, ais, bdmc
@@ -19,6 +21,7 @@ from ppl_vae.estimators import (
 )
 from ppl_vae.gaps import GapReport, RefinementCurve, fit_local, gaps, refine
 from ppl_vae.simulate import sample_from_model
+from ppl_vae.surgery import SurgeryReport, elbo_surgery
 from ppl_vae.train import FitResult, Interrupted, fit
 
 __all__ = [
@@ -30,10 +33,12 @@ __all__ = [
     "GapReport",
     "Interrupted",
     "RefinementCurve",
+    "SurgeryReport",
     "ais",
     "bdmc",
     "diagnostics",
     "elbo",
+    "elbo_surgery",
     "fit",
     "fit_local",
     "gaps",

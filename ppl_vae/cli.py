@@ -3,6 +3,7 @@
     ppl-vae gaps                       # the main job: a VAE on the embedded digits
     ppl-vae fit --dataset binarized_mnist --data-root ../shared/data --epochs 10
     ppl-vae gaps --checkpoint runs/fit/checkpoint.pt
+    ppl-vae surgery --checkpoint runs/fit/checkpoint.pt   # ELBO surgery, active units
     ppl-vae fit --checkpoint-every 500 --out runs/long   # interrupted? then:
     ppl-vae fit --resume runs/long
 
@@ -38,6 +39,7 @@ from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.objectives import LR_SCHEDULES
 from ppl_vae.seeding import check_seed
+from ppl_vae.surgery import ACTIVE_THRESHOLD
 from ppl_vae.train import OBJECTIVES, Interrupted
 from ppl_vae.validation import one_of, positive_int, positive_number
 
@@ -46,8 +48,10 @@ GUIDES = ("mlp", "linear", "linear-full", "delta")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
 BINARIZE = ("static", "dynamic")
-DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit"}
+DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit", "surgery": "runs/surgery"}
 NUM_SAMPLES = 1000
+# Draws per test point of ELBO surgery: each is scored under every test point's guide.
+SURGERY_SAMPLES = 8
 AIS_STEPS, AIS_CHAINS = 100, 16
 # Keys every checkpoint of the command keeps (fit's training state sits beside them).
 CHECKPOINT_KEYS = ("config", "model", "guide")
@@ -306,6 +310,7 @@ def cmd_fit(args) -> dict:
     x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
     d = ppl_vae.diagnostics(model, guide, x, num_samples, seed=cfg.seed)
     summary = {"train_seconds": round(seconds, 2), "test_points": len(x), **d.summary()}
+    _surgery_table(model, guide, x, cfg, p.out, SURGERY_SAMPLES, ACTIVE_THRESHOLD)
     if not _writer():  # every rank has the same numbers; one prints and writes them
         return summary
     print(f"test ELBO      {summary['elbo']:.3f} +- {summary['elbo_se']:.3f} nats")
@@ -338,6 +343,40 @@ def cmd_gaps(args) -> dict:
     return report.to_dict()
 
 
+def cmd_surgery(args) -> dict:
+    start = time.perf_counter()
+    threshold = ACTIVE_THRESHOLD if args.threshold is None else args.threshold
+    positive_number(threshold, "--threshold")
+    p = plan(args)
+    if p.cfg.guide == "delta":
+        raise ValueError("surgery needs an encoder with a density; --guide delta is a point "
+                         "mass (use mlp, linear or linear-full)")
+    if p.state is not None:
+        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source), p.cfg, 0.0
+    else:
+        model, guide, cfg, seconds = train(p.cfg, args.data_root, progress=not args.quiet)
+    x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
+    report = _surgery_table(model, guide, x, cfg, p.out, args.num_samples or SURGERY_SAMPLES,
+                            threshold)
+    if _writer():
+        total = time.perf_counter() - start
+        print(f"trained in {seconds:.1f} s; {total:.1f} s in all; wrote {p.out}/surgery.json, "
+              "surgery.png")
+    return report.to_dict()
+
+
+def _surgery_table(model, guide, x, cfg: RunConfig, out: Path, num_samples: int,
+                   threshold: float):
+    """ELBO surgery of the test data: printed, and written to surgery.json/.png (rank 0)."""
+    report = ppl_vae.elbo_surgery(model, guide, x, num_samples=num_samples,
+                                  threshold=threshold, seed=cfg.seed)
+    if _writer():
+        print(report)
+        (out / "surgery.json").write_text(report.to_json())
+        _save_figure(report, out / "surgery.png")
+    return report
+
+
 def _save_figure(report, path: Path) -> None:
     import matplotlib
 
@@ -356,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [
         ("gaps", "train (or load) a model and guide, then measure the gaps on test data"),
         ("fit", "train a model and guide, save a checkpoint, print ELBO and log p(x)"),
+        ("surgery", "train (or load) a model and guide, then split the test ELBO into "
+         "reconstruction, mutual information and marginal KL, and count active units"),
     ]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", choices=MODELS, help=f"default {defaults.model}")
@@ -395,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "training minibatches each step (test data stay static); default "
                        f"{defaults.binarize}")
         p.add_argument("--num-samples", type=int, default=None,
-                       help=f"importance samples per test point (default {NUM_SAMPLES})")
+                       help="samples per test point (default "
+                       f"{SURGERY_SAMPLES if name == 'surgery' else NUM_SAMPLES})")
         p.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on a fixed random subset of this many test points")
         p.add_argument("--checkpoint", default=None, help="start from a saved checkpoint")
@@ -411,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"AIS distributions for --log-px ais (default {AIS_STEPS})")
             p.add_argument("--ais-chains", type=int, default=None,
                            help=f"AIS chains per point for --log-px ais (default {AIS_CHAINS})")
+        elif name == "surgery":
+            p.add_argument("--threshold", type=float, default=None,
+                           help="a latent dimension is active when Cov_x E_q[u|x] exceeds "
+                           f"this (default {ACTIVE_THRESHOLD}, Burda et al.)")
         else:
             p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                            help="also write --out/checkpoint.pt every STEPS steps (it is "
@@ -426,7 +472,7 @@ def run(argv=None) -> dict:
 
 
 def _dispatch(args) -> dict:
-    return {"gaps": cmd_gaps, "fit": cmd_fit}[args.command](args)
+    return {"gaps": cmd_gaps, "fit": cmd_fit, "surgery": cmd_surgery}[args.command](args)
 
 
 def main(argv=None) -> None:

@@ -99,7 +99,7 @@ def log_weights(
     Tensor of shape (K, N)
         -inf where a draw fell outside a latent's support.
     """
-    return _weights(_Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed,
+    return _weights(Job.checked(model, guide, x, num_samples, proposal, idx, num_data, seed,
                                  plate, progress))
 
 
@@ -107,10 +107,10 @@ def log_weights_checked(model, guide, x: Tensor, num_samples: int, seed: int) ->
     """The core of :func:`log_weights` for callers inside the library that have checked
     the model, the guide as a proposal, ``x`` (all rows of the dataset) and the seed."""
     idx = torch.arange(len(x), device=x.device)
-    return _weights(_Job(model, guide, x, idx, len(x), num_samples, "guide", seed))
+    return _weights(Job(model, guide, x, idx, len(x), num_samples, "guide", seed))
 
 
-def _weights(job: _Job) -> Tensor:
+def _weights(job: Job) -> Tensor:
     out = job.x.new_zeros(job.num_samples, len(job.x))
     for positions, samples, lw in job.units():
         out[samples, positions] = lw
@@ -138,7 +138,7 @@ def log_marginal(model, guide, x, num_samples: int = 1000, **kwargs) -> Tensor:
     >>> torch.allclose(log_px, model.score_samples(x), atol=1e-4)
     True
     """
-    job = _Job.checked(model, guide, x, num_samples, **kwargs)
+    job = Job.checked(model, guide, x, num_samples, **kwargs)
     running = torch.full((len(job.x),), -torch.inf, dtype=job.x.dtype, device=job.x.device)
     for positions, _, lw in job.units():
         running[positions] = torch.logaddexp(running[positions], torch.logsumexp(lw, 0))
@@ -163,7 +163,7 @@ def elbo(model, guide, x, num_samples: int = 100, **kwargs) -> Tensor:
     >>> bound.shape, bool((bound < model.score_samples(x)).all())  # below the exact log p(x)
     (torch.Size([8]), True)
     """
-    job = _Job.checked(model, guide, x, num_samples, **kwargs)
+    job = Job.checked(model, guide, x, num_samples, **kwargs)
     total = torch.zeros(len(job.x), dtype=job.x.dtype, device=job.x.device)
     for positions, _, lw in job.units():
         total[positions] += lw.sum(0)
@@ -196,7 +196,7 @@ class Diagnostics:
         for name, values in asdict(self).items():
             if isinstance(values, Tensor) and not name.endswith("_se"):
                 out[name] = float(values.mean())
-                out[name + "_se"] = _mean_se(values, getattr(self, name + "_se", None))
+                out[name + "_se"] = mean_se(values, getattr(self, name + "_se", None))
         out["khat_above_0.7"] = float((self.khat > 0.7).double().mean())
         return out
 
@@ -268,7 +268,7 @@ def _std(values: Tensor) -> Tensor:
     return values.std(0)
 
 
-def _mean_se(values: Tensor, per_point_se: Tensor | None) -> float:
+def mean_se(values: Tensor, per_point_se: Tensor | None) -> float:
     """Standard error of a mean over datapoints: their spread plus the Monte Carlo noise."""
     n = len(values)
     spread = float(values.var()) / n if n > 1 else 0.0
@@ -279,7 +279,7 @@ def _mean_se(values: Tensor, per_point_se: Tensor | None) -> float:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     """One checked estimation: data, rows, and how the draws are made."""
 
     model: object
@@ -294,7 +294,7 @@ class _Job:
 
     @classmethod
     def checked(cls, model, guide, x, num_samples, proposal="guide", idx=None,
-                num_data=None, seed=None, plate=None, progress=True) -> _Job:
+                num_data=None, seed=None, plate=None, progress=True) -> Job:
         """Validate everything at the public boundary, before any work."""
         x = as_data(x, model)
         num_samples = positive_int(num_samples, "num_samples")

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from ppl_vae.ais import ais_checked
 from ppl_vae.distributed import local_only, summed_over_group
 from ppl_vae.estimators import (
-    _mean_se,
     log_weights,
     log_weights_checked,
+    mean_se,
     pareto_khat,
 )
 from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
@@ -254,7 +254,7 @@ class GapReport:
         for name in QUANTITIES:
             values, se = per_datapoint[name], per_datapoint[name + "_se"]
             means[name] = float(values.mean())
-            means[name + "_se"] = _mean_se(values, se)
+            means[name + "_se"] = mean_se(values, se)
         khat = per_datapoint["khat"]
         return cls(
             **means,

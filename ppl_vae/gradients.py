@@ -233,12 +233,12 @@ def check_reparameterized(gradient: str, model, guide, x: Tensor, idx: Tensor,
         if not site["fn"].has_rsample:
             raise ValueError(f"gradient={gradient!r} needs reparameterized guide sites; "
                              f"site {name!r} ({type(site['fn']).__name__}) has no rsample")
-        if not auxiliary and _is_delta(site["fn"]):
+        if not auxiliary and is_point_mass(site["fn"]):
             raise ValueError(f"gradient={gradient!r} needs a guide with a density; site "
                              f"{name!r} is a point mass (Delta)")
 
 
-def _is_delta(fn) -> bool:
+def is_point_mass(fn) -> bool:
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)

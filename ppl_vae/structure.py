@@ -146,7 +146,7 @@ def check_supports(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
         if not is_latent_site(site) or name not in guide_trace.nodes:
             continue
         drawn_by = guide_trace.nodes[name]["fn"]
-        if _is_delta(drawn_by):  # its value comes from an auxiliary draw, transformed
+        if is_point_mass(drawn_by):  # its value comes from an auxiliary draw, transformed
             continue
         if _all_reals(drawn_by.support) and not _all_reals(site["fn"].support):
             raise ValueError(
@@ -209,7 +209,7 @@ def _refuse_point_masses(trace) -> None:
            for site in trace.nodes.values()):
         return
     for name, site in trace.nodes.items():
-        if is_latent_site(site) and _is_delta(site["fn"]):
+        if is_latent_site(site) and is_point_mass(site["fn"]):
             raise ValueError(
                 f"guide site {name!r} is a point mass (Delta): it has no density to "
                 "weight by, so it cannot be an importance-sampling proposal; use an "
@@ -217,7 +217,7 @@ def _refuse_point_masses(trace) -> None:
             )
 
 
-def _is_delta(fn) -> bool:
+def is_point_mass(fn) -> bool:
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)
