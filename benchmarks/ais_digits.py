@@ -12,7 +12,6 @@ diagonal local guides on 100 test digits, and runs AIS from them at several step
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 import ppl_vae
 from ppl_vae.guides import MLPEncoder
+from ppl_vae.json_output import dumps
 from ppl_vae.models import VAE
 
 
@@ -50,10 +50,10 @@ def main(argv=None) -> None:
                      "is_k1000": float(importance.mean()),
                      "ais_minus_is": float(difference.mean()),
                      "se": float(difference.std()) / math.sqrt(len(difference))})
-        print(json.dumps(rows[-1]), flush=True)
+        print(dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ais_digits.json").write_text(json.dumps(rows, indent=2))
+    (out / "ais_digits.json").write_text(dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from functools import partial
@@ -48,6 +47,7 @@ import ppl_vae
 from benchmarks.store import Store, opened
 from ppl_vae import GapReport, pareto_khat
 from ppl_vae.guides import FlowEncoder, MLPEncoder
+from ppl_vae.json_output import dumps
 from ppl_vae.models import VAE
 
 # "digits" (the embedded 8x8 digits, statically binarized) is the seconds-long version
@@ -403,7 +403,7 @@ def export(results: dict, path: Path) -> None:
         if "per_datapoint" in keep and not key.endswith(("/train", "/test")):
             del keep["per_datapoint"]
         compact[key] = _rounded(keep)
-    path.write_text(json.dumps(compact, indent=1))
+    path.write_text(dumps(compact, indent=1))
     print(f"{len(compact)} entries written to {path}")
 
 

@@ -13,13 +13,13 @@ writes it as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import ppl_vae
+from ppl_vae.json_output import dumps
 from ppl_vae.models import VAE
 
 FAMILIES = ("full", "flow")
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": source, "num_data": len(x), "threads": args.threads, "rows": rows}
-    (out / "fit_local_mnist.json").write_text(json.dumps(result, indent=2))
+    (out / "fit_local_mnist.json").write_text(dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ all and per datapoint.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 import ppl_vae
 from ppl_vae.cli import load_checkpoint, load_split
+from ppl_vae.json_output import dumps
 
 
 def main(argv=None) -> None:
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = report.to_dict(per_datapoint=False)
     summary.update(seconds=seconds, checkpoint=args.checkpoint)
-    (out / "gaps.json").write_text(json.dumps(summary, indent=2))
+    (out / "gaps.json").write_text(dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 
 import ppl_vae
 from ppl_vae.guides import MLPEncoder
+from ppl_vae.json_output import dumps
 from ppl_vae.models import VAE
 
 
@@ -74,7 +75,7 @@ def _worker(rank, world, port, args, path):
                             world_size=world)
     try:
         result = measure(args)
-        Path(path, f"rank{rank}.json").write_text(json.dumps(result))
+        Path(path, f"rank{rank}.json").write_text(dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
                        "per_second_1": one[name]["per_second"],
                        "per_second_2": one[name]["per_second"] * one[name]["seconds"]
                        / two_seconds}
-    (out / "scaling.json").write_text(json.dumps({"args": vars(args), **table}, indent=2))
+    (out / "scaling.json").write_text(dumps({"args": vars(args), **table}, indent=2))
     print(f"| {args.points} points, {args.threads} threads in all | 1 process (/s) | "
           "2 processes (/s) | speed-up |")
     print("| --- | ---: | ---: | ---: |")

@@ -12,7 +12,6 @@ are random binary images of MNIST's shape: the cost of a step does not depend on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -30,6 +29,7 @@ from benchmarks.timing import (
 )
 from ppl_vae.guides import FlowEncoder
 from ppl_vae.guides.amortized import SCALE_FLOOR
+from ppl_vae.json_output import dumps
 from ppl_vae.models import VAE
 from ppl_vae.models.blocks import MLP
 
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         "plain_ms_per_repeat": [1e3 * t for t in plain_times],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    args.json.write_text(dumps(figures, indent=2) + "\n")
     print(f"written to {args.json}")
 
 

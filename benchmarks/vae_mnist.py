@@ -14,7 +14,6 @@ A checkpoint per budget goes to --out, for benchmarks/gaps_mnist.py.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import ppl_vae
 from benchmarks.timing import row
 from ppl_vae.cli import RunConfig, build_guide, build_model, save_checkpoint
 from ppl_vae.data import load_dataset
+from ppl_vae.json_output import dumps
 
 PUBLISHED = -88.71
 
@@ -66,8 +66,8 @@ def main(argv=None) -> None:
                        eval_seconds=time.perf_counter() - start)
         results.append(summary)
         save_checkpoint(out / f"epochs{budget}.pt", model, guide, replace(cfg, epochs=budget))
-        print(json.dumps(summary))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(dumps(summary))
+    (out / "results.json").write_text(dumps(results, indent=2))
     print_table(results, args)
 
 

@@ -1,31 +1,47 @@
-"""Checkpoint files: written atomically, read safely, refused in one clear sentence."""
+"""Checkpoint files: written atomically, verified when read, refused in one clear sentence.
+
+Every checkpoint carries a SHA-256 digest of its content (``DIGEST_KEY``): each tensor's
+dtype, shape and bytes, and every other value in a canonical encoding. ``load`` checks it,
+so a file damaged after it was written is refused instead of loading different numbers.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+
+# The key under which a checkpoint keeps the digest of the rest of its content.
+DIGEST_KEY = "content_sha256"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit what it is loaded into."""
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder.
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written without a digest (by an older ppl-vae): it cannot be verified."""
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)``, with its content digest, to ``path`` through a temporary file.
 
     ``os.replace`` swaps the finished file in, so a kill during the write leaves the
-    previous checkpoint intact (never a truncated or empty one).
+    previous checkpoint intact (never a truncated or empty one). The digest (see
+    :func:`content_digest`) is stored under ``DIGEST_KEY`` beside ``obj``'s keys.
 
     Parameters
     ----------
-    obj : object
-        Anything ``torch.save`` takes; tensors, numbers, strings and containers of them
-        keep it loadable with ``weights_only=True``.
+    obj : dict
+        Tensors, numbers, strings, None and dicts, lists and tuples of them (what keeps
+        it loadable with ``weights_only=True``).
     path : str or PathLike
 
     Returns
@@ -33,6 +49,11 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     Path
         ``path``.
     """
+    if not isinstance(obj, dict):
+        raise TypeError(f"a checkpoint is a dict, got {type(obj).__name__}")
+    if DIGEST_KEY in obj:
+        raise ValueError(f"the key {DIGEST_KEY!r} is reserved for the checkpoint's digest")
+    obj = {**obj, DIGEST_KEY: content_digest(obj)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -62,23 +83,114 @@ def load(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
     FileNotFoundError
         When there is no file at ``path``.
     CheckpointError
-        When the file is truncated, corrupted, not a checkpoint, or lacks a key.
+        When the file is truncated, corrupted, not a checkpoint, lacks a key, or its
+        content does not match the digest stored when it was written.
+
+    Warns
+    -----
+    UnverifiedCheckpointWarning
+        When the file has no digest (written before checkpoints carried one).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError,
-            AttributeError, ValueError, TypeError, KeyError) as error:
-        # torch.load reports damage with many types; all of them mean "unreadable".
+    except Exception as error:  # noqa: BLE001
+        # torch.load reports damage with many types (even AssertionError and IndexError
+        # for a flipped byte in the pickle); all of them mean "unreadable".
         raise CheckpointError(f"{path} is not a readable checkpoint ({_why(error)})") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(state).__name__}")
+    _verify(state, path)
     missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a complete checkpoint: it lacks {missing}")
     return state
+
+
+def _verify(state: dict, path: Path) -> None:
+    """Pop the stored digest and compare it with the content's; warn if there is none."""
+    stored = state.pop(DIGEST_KEY, None)
+    if stored is None:
+        warnings.warn(f"{path} has no content digest (it was written by an older ppl-vae), "
+                      "so it cannot be verified; save it again to add one",
+                      UnverifiedCheckpointWarning, stacklevel=3)
+        return
+    try:
+        found = content_digest(state)
+    except TypeError as error:
+        raise CheckpointError(f"{path} is damaged: {error}") from None
+    if found != stored:
+        raise CheckpointError(
+            f"{path} is damaged: its content does not match the SHA-256 digest written "
+            "with it (the file changed after it was saved); it was not loaded"
+        )
+
+
+def content_digest(obj) -> str:
+    """SHA-256 (hex) of ``obj``'s content, the same for equal content in any process.
+
+    Tensors count by dtype, shape and bytes (each read once, without a copy when it is
+    contiguous on the CPU); numbers, strings, None, and dicts (keys sorted), lists and
+    tuples by a tagged, length-prefixed encoding, so no two contents share a stream.
+
+    Raises
+    ------
+    TypeError
+        For a value of any other type.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        _feed_tensor(digest, obj)
+    elif isinstance(obj, dict):
+        _frame(digest, b"d", str(len(obj)).encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        _frame(digest, b"l" if isinstance(obj, list) else b"t", str(len(obj)).encode())
+        for item in obj:
+            _feed(digest, item)
+    else:
+        _frame(digest, *_scalar(obj))
+
+
+def _scalar(value) -> tuple[bytes, bytes]:
+    """A tag and the exact bytes of a plain value (bool before int: it is one)."""
+    if value is None:
+        return b"n", b""
+    if isinstance(value, bool):
+        return b"b", b"1" if value else b"0"
+    if isinstance(value, int):
+        return b"i", str(value).encode()
+    if isinstance(value, float):
+        # float.hex is exact; NaN has one spelling, so equal files hash equal.
+        return b"f", (value.hex() if math.isfinite(value) else repr(value)).encode()
+    if isinstance(value, str):
+        return b"s", value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return b"y", value
+    raise TypeError(f"a checkpoint holds a {type(value).__name__}, which has no digest")
+
+
+def _feed_tensor(digest, tensor: torch.Tensor) -> None:
+    if tensor.layout != torch.strided:
+        raise TypeError(f"a checkpoint holds a {tensor.layout} tensor, which has no digest")
+    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    _frame(digest, b"T", f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    # A view as bytes works for every dtype (numpy has no bfloat16) and copies nothing.
+    _frame(digest, b"B", memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _frame(digest, tag: bytes, payload) -> None:
+    digest.update(tag + len(payload).to_bytes(8, "little"))
+    digest.update(payload)
 
 
 def _why(error: BaseException) -> str:

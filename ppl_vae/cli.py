@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import fcntl
 import os
 import signal
 import sys
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import ppl_vae
-from ppl_vae import checkpoint
+from ppl_vae import checkpoint, json_output
 from ppl_vae.checkpoint import CheckpointError, atomic_save
 from ppl_vae.data import load_dataset
 from ppl_vae.distributed import rank_and_size
@@ -43,7 +43,8 @@ from ppl_vae.surgery import ACTIVE_THRESHOLD
 from ppl_vae.train import OBJECTIVES, Interrupted
 from ppl_vae.validation import one_of, positive_int, positive_number
 
-MODELS = ("vae", "ppca", "fa")
+MODEL_CLASSES = {"vae": VAE, "ppca": PPCA, "fa": FactorAnalysis}
+MODELS = tuple(MODEL_CLASSES)
 GUIDES = ("mlp", "linear", "linear-full", "delta")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
@@ -53,6 +54,7 @@ NUM_SAMPLES = 1000
 # Draws per test point of ELBO surgery: each is scored under every test point's guide.
 SURGERY_SAMPLES = 8
 AIS_STEPS, AIS_CHAINS = 100, 16
+LOCK_FILE = ".ppl-vae.lock"
 # Keys every checkpoint of the command keeps (fit's training state sits beside them).
 CHECKPOINT_KEYS = ("config", "model", "guide")
 
@@ -85,7 +87,7 @@ def build_model(cfg: RunConfig):
     """The model named by ``cfg.model``."""
     if cfg.model == "vae":
         return VAE(cfg.data_dim, cfg.latent_dim, hidden=cfg.hidden, likelihood=cfg.likelihood)
-    return {"ppca": PPCA, "fa": FactorAnalysis}[cfg.model](cfg.data_dim, cfg.latent_dim)
+    return MODEL_CLASSES[cfg.model](cfg.data_dim, cfg.latent_dim)
 
 
 def build_guide(cfg: RunConfig):
@@ -153,14 +155,15 @@ def load_split(cfg: RunConfig, split: str, root, limit=None, training=False) -> 
 
 
 def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
-          checkpoint_every=None, resume=False):
+          checkpoint_every=None, resume=False, x=None):
     """Build, fit and return ``(model, guide, cfg, seconds)`` for a configuration.
 
     With ``checkpoint_path`` the whole training state (and ``cfg``, under ``"config"``)
     is saved there every ``checkpoint_every`` steps, at the end and on SIGINT/SIGTERM;
-    ``resume`` continues from it.
+    ``resume`` continues from it. ``x``: the training split, when already loaded.
     """
-    x = load_split(cfg, "train", root, training=True)
+    if x is None:
+        x = load_split(cfg, "train", root, training=True)
     cfg = RunConfig(**{**asdict(cfg), "data_dim": x.shape[1]})
     torch.manual_seed(cfg.seed)
     model, guide = build_model(cfg), build_guide(cfg)
@@ -237,12 +240,26 @@ def plan(args) -> _Plan:
         _refuse_conflicts(args, cfg, source)
     if cfg.model != "vae" and args.likelihood is not None:
         raise ValueError(f"--likelihood applies to --model vae only, not --model {cfg.model}")
-    if args.command == "gaps" and cfg.guide == "delta":
-        raise ValueError("gaps needs a Gaussian encoder to fit local guides of its family; "
-                         "--guide delta has none (use mlp, linear or linear-full)")
+    _check_evaluation(args, cfg)
     out = Path(resume if resume is not None else args.out or DEFAULT_OUT[args.command])
     check_writable(out)
     return _Plan(cfg, out, state, None if source is None else Path(source))
+
+
+def _check_evaluation(args, cfg: RunConfig) -> None:
+    """Refuse, before training, what the evaluation after it would refuse."""
+    if args.command == "gaps" and cfg.guide == "delta":
+        raise ValueError("gaps needs a Gaussian encoder to fit local guides of its family; "
+                         "--guide delta has none (use mlp, linear or linear-full)")
+    if args.command == "fit" and cfg.guide == "delta":
+        raise ValueError("fit evaluates the test ELBO and log p(x) with the guide as the "
+                         "importance proposal; --guide delta is a point mass with no density "
+                         "(use mlp, linear or linear-full)")
+    closed = [name for name, cls in MODEL_CLASSES.items() if hasattr(cls, "marginal")]
+    if getattr(args, "log_px", None) == "exact" and cfg.model not in closed:
+        raise ValueError(f"--log-px exact needs a closed-form marginal p(x), which --model "
+                         f"{cfg.model} has not (--model {' or '.join(closed)} has one); use "
+                         "--log-px is or ais")
 
 
 def _check_eval_flags(args) -> None:
@@ -278,6 +295,13 @@ def check_writable(out: Path) -> None:
     """Create ``out`` and write a scratch file in it, or a one-line ValueError."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    for path in (out, *out.parents):
+        if path.exists():
+            break
+        if path.is_symlink():  # it exists as a link, but not what it points to
+            what = f"--out {out}" if path == out else f"--out {out} lies under {path}, which"
+            raise ValueError(f"{what} is a dangling symlink (to {os.readlink(path)}, which "
+                             "does not exist)")
     ancestor = next(parent for parent in (out, *out.parents) if parent.exists())
     if not ancestor.is_dir():
         raise ValueError(f"--out {out} lies under {ancestor}, which is a file")
@@ -289,14 +313,59 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from None
 
 
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold an exclusive lock on ``out`` (``fcntl.flock`` of ``out/.ppl-vae.lock``) for a
+    run, so that two runs never write the same files; the lock file names the holder's
+    pid. Another run's lock is a one-line ValueError. Other ranks of a torchrun job
+    write nothing and take no lock."""
+    if not _writer():
+        yield
+        return
+    # Read-write without truncation ("a+" would append every write).
+    with os.fdopen(os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(f"--out {out} is in use by another ppl-vae run (pid {holder}); "
+                             "wait for it to end, or give another --out") from None
+        # Overwrite in place, then cut: a reader never sees an empty file.
+        handle.seek(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.truncate()
+        handle.flush()
+        yield  # closing the file releases the lock, also when the process dies
+
+
 def _config_from(args) -> RunConfig:
     return RunConfig(**_config_flags(args))
 
 
+def load_data(p: _Plan, args, training: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The training split (None when not ``training``) and the evaluation's test split,
+    both read (and so every data file checked) before any work; the same width."""
+    x_test = load_split(p.cfg, "test", args.data_root, limit=args.eval_limit)
+    x_train = load_split(p.cfg, "train", args.data_root, training=True) if training else None
+    width = x_train.shape[1] if training else p.cfg.data_dim
+    if x_test.shape[1] != width:
+        raise ValueError(f"the {p.cfg.dataset} test split has {x_test.shape[1]} columns but "
+                         f"the model is for {width}: check the data files (--data-root)")
+    return x_train, x_test
+
+
 def cmd_fit(args) -> dict:
     p = plan(args)
+    with exclusive(p.out):
+        return _fit(p, args)
+
+
+def _fit(p: _Plan, args) -> dict:
     resume = getattr(args, "resume", None) is not None
-    if p.state is not None and not resume:  # evaluate a saved model
+    evaluate_only = p.state is not None and not resume  # evaluate a saved model
+    x_train, x = load_data(p, args, training=not evaluate_only)
+    if evaluate_only:
         model, guide = rebuild(p.cfg, p.state, p.source)
         cfg, seconds = p.cfg, 0.0
         if _writer():
@@ -305,9 +374,8 @@ def cmd_fit(args) -> dict:
         model, guide, cfg, seconds = train(
             p.cfg, args.data_root, progress=not args.quiet,
             checkpoint_path=p.out / "checkpoint.pt", checkpoint_every=args.checkpoint_every,
-            resume=resume)
+            resume=resume, x=x_train)
     num_samples = args.num_samples or NUM_SAMPLES
-    x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
     d = ppl_vae.diagnostics(model, guide, x, num_samples, seed=cfg.seed)
     summary = {"train_seconds": round(seconds, 2), "test_points": len(x), **d.summary()}
     _surgery_table(model, guide, x, cfg, p.out, SURGERY_SAMPLES, ACTIVE_THRESHOLD)
@@ -317,18 +385,24 @@ def cmd_fit(args) -> dict:
     print(f"test log p(x)  {summary['log_marginal']:.3f} +- {summary['log_marginal_se']:.3f} "
           f"nats (K={num_samples}, {len(x)} points)")
     print(f"checkpoint     {p.out / 'checkpoint.pt'}")
-    (p.out / "fit.json").write_text(json.dumps(summary, indent=2))
+    (p.out / "fit.json").write_text(json_output.dumps(summary, indent=2))
     return summary
 
 
 def cmd_gaps(args) -> dict:
     start = time.perf_counter()
     p = plan(args)
+    with exclusive(p.out):
+        return _gaps(p, args, start)
+
+
+def _gaps(p: _Plan, args, start: float) -> dict:
+    x_train, x = load_data(p, args, training=p.state is None)
     if p.state is not None:
         (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source), p.cfg, 0.0
     else:
-        model, guide, cfg, seconds = train(p.cfg, args.data_root, progress=not args.quiet)
-    x = load_split(cfg, "test", args.data_root, limit=args.eval_limit)
+        model, guide, cfg, seconds = train(p.cfg, args.data_root, progress=not args.quiet,
+                                           x=x_train)
     report = ppl_vae.gaps(model, guide, x, local=args.local,
                           num_samples=args.num_samples or NUM_SAMPLES, seed=cfg.seed,
                           log_px=args.log_px, ais_steps=args.ais_steps or AIS_STEPS,

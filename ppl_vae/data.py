@@ -16,6 +16,7 @@ import http.client
 import os
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -508,10 +509,18 @@ def _parse_amat(data: bytes, path: str) -> np.ndarray:
 
 
 def _read_npz(path: str, split: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as archive:
-        if split not in archive.files:
-            raise ValueError(f"{path}: no array {split!r}; it holds {archive.files}")
-        array = archive[split]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            files = archive.files
+            array = archive[split] if split in files else None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        # A truncated or damaged archive: numpy lets zipfile's error out with no path.
+        raise ValueError(
+            f"{path}: corrupt or truncated .npz file ({exc}); replace it with a complete "
+            f"copy, or remove it to read binarized_mnist_{split}.amat(.gz) instead"
+        ) from exc
+    if array is None:
+        raise ValueError(f"{path}: no array {split!r}; it holds {files}")
     if array.ndim != 2 or array.dtype != np.uint8 or (array > 1).any():
         raise ValueError(
             f"{path}: array {split!r} must be 0/1 uint8 of shape (N, D); "

@@ -27,6 +27,7 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ppl_vae import json_output
 from ppl_vae.ais import ais_checked
 from ppl_vae.distributed import local_only, summed_over_group
 from ppl_vae.estimators import (
@@ -275,15 +276,20 @@ class GapReport:
         return out
 
     def to_json(self, *, per_datapoint: bool = True, **kwargs) -> str:
-        """:meth:`to_dict` as JSON; ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""
-        return json.dumps(self.to_dict(per_datapoint=per_datapoint), **kwargs)
+        """:meth:`to_dict` as strict JSON: NaN and +-inf (say, k-hat of too few samples)
+        are ``null``. ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""
+        return json_output.dumps(self.to_dict(per_datapoint=per_datapoint), **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict) -> GapReport:
-        """Inverse of :meth:`to_dict` (per-datapoint values come back as float64)."""
+        """Inverse of :meth:`to_dict` (per-datapoint values come back as float64); a
+        number that JSON holds as ``null`` (not finite) comes back as NaN."""
         data = dict(data)
         per = data.pop("per_datapoint", {})
-        per = {k: torch.tensor(v, dtype=torch.float64) for k, v in per.items()}
+        per = {k: torch.tensor([math.nan if e is None else e for e in v], dtype=torch.float64)
+               for k, v in per.items()}
+        numbers = {f.name for f in fields(cls) if f.type in ("float", float)}
+        data.update({k: math.nan for k in numbers if k in data and data[k] is None})
         return cls(**data, per_datapoint=per)
 
     @classmethod

@@ -26,9 +26,17 @@ def as_data(x, model=None, *, name: str = "x", check_values: bool = True) -> Ten
         raise ValueError(f"{name} must have shape (N, D), got {x.ndim} dims: {tuple(x.shape)}")
     if len(x) == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    # A meta tensor has a shape but no values: nothing can be computed from it, and
+    # torch says so only from deep inside ("Cannot copy out of meta tensor").
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device: a shape {tuple(x.shape)} with no "
+                         f"values; move real data to a real device, e.g. {name}.to('cpu')")
     if not x.is_floating_point():
         x = x.float()
     x = _to_model(x, model)
+    if x.is_meta:
+        raise ValueError(f"the model's parameters are on the meta device (no values), so {name} "
+                         "cannot be scored: initialize or load them on a real device first")
     bad = ~torch.isfinite(x)
     if bad.any():
         row = int(bad.any(1).nonzero()[0])

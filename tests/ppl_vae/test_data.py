@@ -371,3 +371,57 @@ def test_threshold_binarization_sets_pixels_above_one_half():
     b = load_dataset("digits", "train", limit=50, binarize="threshold")
     assert torch.equal(b, (x > 0.5).float())
     assert 0 < b.mean() < 1
+
+
+# Issue 20, section 4: damaged archives name their path; meta tensors are refused at the
+# boundary.
+
+
+def _npz(directory: Path, **arrays) -> Path:
+    directory.mkdir()
+    np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
+    return directory / "binarized_mnist.npz"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "not-a-zip"])
+def test_a_damaged_npz_names_its_path_and_what_to_do(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    path = _npz(tmp_path / damage, test=rng.integers(0, 2, (50, 9), dtype=np.uint8))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "flipped":  # inside the compressed array: a CRC or zlib error
+        data[len(data) // 3] ^= 0xFF
+    else:
+        data = bytearray(b"<html>not found</html>")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt or truncated .npz") as caught:
+        load_dataset("binarized_mnist", "test", root=path.parent)
+    assert str(path) in str(caught.value) and "replace it" in str(caught.value)
+
+
+def test_a_whole_npz_still_loads_and_a_missing_split_is_named(tmp_path):
+    bits = np.random.default_rng(1).integers(0, 2, (5, 3), dtype=np.uint8)
+    path = _npz(tmp_path / "whole", test=bits)
+    assert torch.equal(load_dataset("binarized_mnist", "test", root=path.parent),
+                       torch.from_numpy(bits).float())
+    with pytest.raises(ValueError, match="no array 'valid'"):
+        load_dataset("binarized_mnist", "valid", root=path.parent)
+
+
+def test_data_on_the_meta_device_is_refused_at_the_boundary():
+    import ppl_vae
+    from ppl_vae.guides import LinearEncoder
+    from ppl_vae.models import PPCA
+
+    model, guide = PPCA(3, 1), LinearEncoder(3, 1)
+    x = torch.zeros(4, 3, device="meta")
+    for call in (lambda: ppl_vae.log_marginal(model, guide, x, num_samples=2),
+                 lambda: ppl_vae.elbo(model, guide, x, num_samples=2),
+                 lambda: ppl_vae.fit(model, guide, x, num_steps=1, progress=False),
+                 lambda: ppl_vae.gaps(model, guide, x, num_samples=2, progress=False)):
+        with pytest.raises(ValueError, match="x is on the meta device"):
+            call()
+    meta_model = PPCA(3, 1).to("meta")
+    with pytest.raises(ValueError, match="model's parameters are on the meta device"):
+        ppl_vae.log_marginal(meta_model, guide, torch.zeros(4, 3), num_samples=2)
