@@ -77,7 +77,7 @@ class SurgeryReport:
 
     @property
     def active(self) -> Tensor:
-        """BoolTensor of shape (d,): which coordinates are active units."""
+        """Which coordinates are active units, a BoolTensor of shape (d,)."""
         return self.activity > self.threshold
 
     def summary(self) -> dict:
@@ -125,7 +125,7 @@ class SurgeryReport:
         return cls.from_dict(json.loads(text))
 
     def plot(self, ax=None):
-        """KL per dimension, sorted, active units marked; see :func:`plot_kl_per_dim`."""
+        """KL per dimension, sorted, active units marked; see :func:`ppl_vae.surgery_report.plot_kl_per_dim`."""
         return plot_kl_per_dim(self, ax=ax)
 
     def __str__(self) -> str:

@@ -22,7 +22,7 @@ from pyro.infer.autoguide import AutoContinuous
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.checkpoint import CheckpointError, atomic_save, load_state
+from ppl_vae.checkpoint import DIGEST_KEY, CheckpointError, atomic_save, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
 from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
@@ -719,7 +719,7 @@ class _Saver:
                 "checkpoint_every, resume and checkpoint_extra need checkpoint=<file>"
             )
         extra = dict(extra or {})
-        clash = sorted(set(extra) & set(_FIT_KEYS))
+        clash = sorted(set(extra) & {*_FIT_KEYS, DIGEST_KEY})
         if clash:
             raise ValueError(f"checkpoint_extra must not use fit's own keys, got {clash}")
         path = Path(checkpoint) if checkpoint is not None else None
