@@ -335,7 +335,7 @@ def bdmc(
                       forward=forward, reverse=reverse)
 
 
-def ais_checked(model, proposal, space: LatentSpace, x: Tensor, *, num_steps: int,
+def ais_trusted(model, proposal, space: LatentSpace, x: Tensor, *, num_steps: int,
                 num_chains: int, seed: int, progress: bool = True) -> AISResult:
     """The core of :func:`ais` with its default transitions, for callers inside the
     library that have checked the model, its latent space, the proposal and ``x``

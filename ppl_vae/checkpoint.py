@@ -14,9 +14,12 @@ import pickle
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ppl_vae.validation import positive_int
 
 # The key under which a checkpoint keeps the digest of the rest of its content.
 DIGEST_KEY = "content_sha256"
@@ -213,3 +216,42 @@ def load_state(module: torch.nn.Module, state, what: str, path) -> None:
         first = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise CheckpointError(f"the {what} in {path} does not match: {detail}") from error
+
+
+# What fit keeps in a checkpoint (the command line adds "config" beside them).
+FIT_KEYS = ("model", "guide", "optimizer", "step", "num_steps", "rng", "batches", "history",
+            "step_seconds", "fit")
+
+
+@dataclass(frozen=True)
+class Saver:
+    """Where and when fit writes its checkpoints."""
+
+    path: Path | None
+    every: int | None
+    extra: dict
+
+    @classmethod
+    def checked(cls, checkpoint, every, resume, extra) -> Saver:
+        if every is not None:
+            every = positive_int(every, "checkpoint_every")
+        if checkpoint is None and (every is not None or resume or extra):
+            raise ValueError(
+                "checkpoint_every, resume and checkpoint_extra need checkpoint=<file>"
+            )
+        extra = dict(extra or {})
+        clash = sorted(set(extra) & {*FIT_KEYS, DIGEST_KEY})
+        if clash:
+            raise ValueError(f"checkpoint_extra must not use fit's own keys, got {clash}")
+        path = Path(checkpoint) if checkpoint is not None else None
+        if resume and not path.is_file():
+            raise FileNotFoundError(f"resume=True needs a checkpoint, and there is none at {path}")
+        return cls(path, every, extra)
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def save(self, run) -> Path | None:
+        if self.path is None:
+            return None
+        return atomic_save({**self.extra, **run.state_dict()}, self.path)

@@ -37,6 +37,7 @@ from ppl_vae.distributed import rank_and_size
 from ppl_vae.gradients import GRADIENTS, check_gradient
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
+from ppl_vae.models.vae import LIKELIHOODS
 from ppl_vae.objectives import LR_SCHEDULES
 from ppl_vae.seeding import check_seed
 from ppl_vae.surgery import ACTIVE_THRESHOLD
@@ -46,7 +47,6 @@ from ppl_vae.validation import one_of, positive_int, positive_number
 MODEL_CLASSES = {"vae": VAE, "ppca": PPCA, "fa": FactorAnalysis}
 MODELS = tuple(MODEL_CLASSES)
 GUIDES = ("mlp", "linear", "linear-full", "delta")
-LIKELIHOODS = ("bernoulli", "gaussian")
 BINARY_DATASETS = ("binarized_mnist",)
 BINARIZE = ("static", "dynamic")
 DEFAULT_OUT = {"gaps": "runs/gaps", "fit": "runs/fit", "surgery": "runs/surgery"}

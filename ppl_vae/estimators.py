@@ -103,7 +103,7 @@ def log_weights(
                                  plate, progress))
 
 
-def log_weights_checked(model, guide, x: Tensor, num_samples: int, seed: int) -> Tensor:
+def log_weights_trusted(model, guide, x: Tensor, num_samples: int, seed: int) -> Tensor:
     """The core of :func:`log_weights` for callers inside the library that have checked
     the model, the guide as a proposal, ``x`` (all rows of the dataset) and the seed."""
     idx = torch.arange(len(x), device=x.device)

@@ -28,11 +28,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae import json_output
-from ppl_vae.ais import ais_checked
+from ppl_vae.ais import ais_trusted
 from ppl_vae.distributed import local_only, summed_over_group
 from ppl_vae.estimators import (
     log_weights,
-    log_weights_checked,
+    log_weights_trusted,
     mean_se,
     pareto_khat,
 )
@@ -50,7 +50,7 @@ from ppl_vae.programs import as_programs
 from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_guide, check_structure, described
-from ppl_vae.train import FitResult, fit, fit_checked
+from ppl_vae.train import FitResult, fit, fit_trusted
 from ppl_vae.validation import as_data, one_of, positive_int
 
 # Per-datapoint quantities of a GapReport, each with a standard error "<name>_se".
@@ -459,8 +459,8 @@ def gaps(
         num_particles=local_particles, progress=progress, seed=seed,
     )
     eval_seed = _eval_seed(seed)
-    lw_local = log_weights_checked(model, local_guide, x, num_samples, eval_seed)
-    lw_amortized = log_weights_checked(model, guide, x, num_samples, eval_seed)
+    lw_local = log_weights_trusted(model, local_guide, x, num_samples, eval_seed)
+    lw_amortized = log_weights_trusted(model, guide, x, num_samples, eval_seed)
     settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
     estimate, px_influence, extra_se = _log_px(model, space, x, lw_local, method, local_guide,
                                                settings, eval_seed, progress)
@@ -637,7 +637,7 @@ def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_s
     loss = LocalELBO(positive_int(num_particles, "num_particles"), guide.space.names, owned)
     callback = schedule if owned is None else _Summed(schedule)
     with local_only():
-        result: FitResult = fit_checked(
+        result: FitResult = fit_trusted(
             model, guide, x, batch_size=batch_size, total=steps,
             optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
             train_model=False, callback=callback, jit=owned is None,
@@ -903,7 +903,7 @@ def _log_px(model, space, x, lw_local, method, local_guide, settings, seed, prog
             exact = model.marginal().log_prob(x).to(lw_local)
         return exact, torch.zeros_like(lw_local), no_extra
     if method == "ais":
-        result = ais_checked(model, local_guide, space, x, seed=seed, progress=progress,
+        result = ais_trusted(model, local_guide, space, x, seed=seed, progress=progress,
                              **settings)
         return result.log_marginal, torch.zeros_like(lw_local), result.log_marginal_se
     log_px = torch.logsumexp(lw_local, 0) - math.log(len(lw_local))

@@ -13,6 +13,7 @@ draws then depend only on its index, the seed and the counter.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -128,3 +129,38 @@ def caller_rng_kept(keep: bool = True):
         yield
     finally:
         pyro.util.set_rng_state(state)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), Python's ``random`` and numpy's global generator.
+
+    The same as ``pyro.set_rng_seed`` for seeds below 2**32; numpy takes 32 bits only,
+    so it gets ``seed mod 2**32``.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rng_state() -> dict:
+    """torch's, Python's and numpy's global random states, loadable with weights_only."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "random": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

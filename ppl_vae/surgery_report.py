@@ -125,7 +125,10 @@ class SurgeryReport:
         return cls.from_dict(json.loads(text))
 
     def plot(self, ax=None):
-        """KL per dimension, sorted, active units marked; see :func:`ppl_vae.surgery_report.plot_kl_per_dim`."""
+        """KL per dimension, sorted, active units marked.
+
+        See :func:`ppl_vae.surgery_report.plot_kl_per_dim`.
+        """
         return plot_kl_per_dim(self, ax=ax)
 
     def __str__(self) -> str:

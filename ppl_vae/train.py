@@ -5,31 +5,29 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.checkpoint import DIGEST_KEY, CheckpointError, atomic_save, load_state
+from ppl_vae.batches import Batches
+from ppl_vae.checkpoint import CheckpointError, Saver, load_state
 from ppl_vae.checkpoint import load as checkpoint_load
 from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.gradients import check_gradient, check_reparameterized, estimator
+from ppl_vae.interrupts import Interrupted, Signals
 from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
 from ppl_vae.programs import PyroProgram, as_programs
-from ppl_vae.seeding import check_seed
+from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
 from ppl_vae.settings import frozen, module_local
 from ppl_vae.structure import check_guide_covers, check_observed, check_supports
 from ppl_vae.traced import TracedLoss
@@ -38,9 +36,6 @@ from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 OBJECTIVES = ("elbo", "iwae")
 # Steps between the in-memory snapshots that a NaN rollback replays from.
 ANCHOR_EVERY = 100
-# What fit keeps in a checkpoint (the command line adds "config" beside them).
-_FIT_KEYS = ("model", "guide", "optimizer", "step", "num_steps", "rng", "batches", "history",
-             "step_seconds", "fit")
 _KEYS = ("model", "guide", "optimizer", "step", "rng", "batches", "history", "step_seconds",
          "fit")
 
@@ -266,18 +261,18 @@ def fit(
     batch_size = batch_size or num_data
     _refuse_coupled_minibatches(guide, batch_size, num_data)
     total = _total_steps(epochs, num_steps, math.ceil(num_data / batch_size))
-    saver = _Saver.checked(checkpoint, checkpoint_every, resume, checkpoint_extra)
+    saver = Saver.checked(checkpoint, checkpoint_every, resume, checkpoint_extra)
     signature = {"num_data": num_data, "batch_size": batch_size, "seed": seed,
                  "train_model": bool(train_model), "binarize": binarize,
                  "kl_warmup": kl_warmup}
-    return fit_checked(model, guide, x, as_seen=as_seen, batch_size=batch_size, total=total,
+    return fit_trusted(model, guide, x, as_seen=as_seen, batch_size=batch_size, total=total,
                        lr=lr, optimizer=optimizer, loss=loss, seed=seed, progress=progress,
                        train_model=train_model, callback=callback, jit=jit, saver=saver,
                        resume=resume, signature=signature, kl_warmup=kl_warmup,
                        lr_schedule=lr_schedule, clip_norm=clip_norm)
 
 
-def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, optimizer=None,
+def fit_trusted(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, optimizer=None,
                 loss=None, seed=None, progress=True, train_model=True, callback=None, jit=True,
                 saver=None, resume=False, signature=None, kl_warmup=None,
                 lr_schedule="constant", clip_norm=None) -> FitResult:
@@ -285,7 +280,7 @@ def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     every argument already (``total`` steps of ``batch_size`` rows; ``x`` a checked
     tensor). It trusts its inputs."""
     as_seen = as_seen or _unchanged
-    saver = saver or _Saver(None, None, {})
+    saver = saver or Saver(None, None, {})
     signature = signature or {"num_data": len(x), "batch_size": batch_size, "seed": seed,
                               "train_model": bool(train_model), "binarize": None}
     num_data = len(x)
@@ -296,17 +291,17 @@ def fit_checked(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     loss_fn = loss(warmup.model, warmup.guide) if warmup else loss(model, guide)
     params = list((loss_fn if train_model else guide).parameters())
     opt = _make_optimizer(optimizer, params, lr)
-    run = _Training(model, guide, opt, params, _Batches(num_data, batch_size, seed, x.device),
+    run = _Training(model, guide, opt, params, Batches(num_data, batch_size, seed, x.device),
                     total, signature, warmup=warmup, lr_schedule=lr_schedule,
                     clip_norm=clip_norm)
     if resume:
         run.load_state_dict(checkpoint_load(saver.path, _KEYS), saver.path)
     rank = rank_and_size()[0]
     if rank != 0:  # one progress bar and one writer of checkpoints
-        progress, saver = False, _Saver(None, None, {})
+        progress, saver = False, Saver(None, None, {})
     # The model's gradients are off while the guide is fitted alone.
     model_frozen = frozen(None if train_model else model)
-    with model_frozen, pyro.validation_enabled(False), _Signals() as signals:
+    with model_frozen, pyro.validation_enabled(False), Signals() as signals:
         # Wrapped once the model is frozen: DDP syncs only what requires grad.
         run.loss_fn = wrapped(TracedLoss(loss_fn) if jit else loss_fn)
         _loop(run, x, as_seen, callback, saver, signals, progress)
@@ -459,128 +454,10 @@ def _step(loss_fn, opt, xb, idx, num_data, step, params, clip_norm=None) -> floa
     return value
 
 
-class Interrupted(KeyboardInterrupt):
-    """:func:`fit` stopped by SIGINT or SIGTERM, cleanly, after a whole step.
-
-    Attributes
-    ----------
-    signal : int
-        The signal's number.
-    step : int
-        Steps done (the checkpoint's step).
-    checkpoint : Path or None
-        Where the training state was written; None when fit had no ``checkpoint``.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
-        where = (f"checkpoint written to {checkpoint}" if checkpoint is not None
-                 else "no checkpoint written (pass checkpoint=...)")
-        super().__init__(f"{signal.Signals(signum).name} after step {step}; {where}")
-        self.signal, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class _Signals:
-    """SIGINT and SIGTERM become a flag that fit reads between steps.
-
-    A step is never cut in half (a KeyboardInterrupt inside ``adam.step`` would leave
-    half-updated parameters). A second signal gets the previous handler at once, so a
-    step that hangs can still be stopped.
-    """
-
-    NUMBERS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-        # Handlers can only be installed from the main thread.
-        if threading.current_thread() is threading.main_thread():
-            for number in self.NUMBERS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number, frame) -> None:
-        self.received = number
-        signal.signal(number, _installable(self._previous[number]))
-
-    def __exit__(self, *exc) -> bool:
-        for number, handler in self._previous.items():
-            signal.signal(number, _installable(handler))
-        return False
-
-
-def _installable(handler):
-    # signal.signal returns None for a handler that was not installed from Python.
-    return signal.SIG_DFL if handler is None else handler
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), Python's ``random`` and numpy's global generator.
-
-    The same as ``pyro.set_rng_seed`` for seeds below 2**32; numpy takes 32 bits only,
-    so it gets ``seed mod 2**32``.
-    """
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def rng_state() -> dict:
-    """torch's, Python's and numpy's global random states, loadable with weights_only."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "random": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["random"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _Batches:
-    """Row indices of shuffled epochs, with a state a checkpoint can hold."""
-
-    def __init__(self, num_data: int, batch_size: int, seed: int | None, device):
-        self.num_data, self.batch_size, self.device = num_data, batch_size, device
-        # Without a seed the order comes from torch's global generator (randperm's
-        # default), whose state is saved with the others.
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.order: Tensor | None = None
-        self.position = 0
-
-    def next(self) -> Tensor:
-        if self.order is None or self.position >= self.num_data:
-            self.order = torch.randperm(self.num_data, generator=self.generator)
-            self.position = 0
-        idx = self.order[self.position:self.position + self.batch_size]
-        self.position += len(idx)
-        return idx.to(self.device)
-
-    def state_dict(self) -> dict:
-        generator = self.generator.get_state() if self.generator is not None else None
-        return {"generator": generator, "order": self.order, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], int(state["position"])
-
-
 class _Training:
     """What changes while fitting: one step forward, and a state to save or restore."""
 
-    def __init__(self, model, guide, opt, params, batches: _Batches, total: int,
+    def __init__(self, model, guide, opt, params, batches: Batches, total: int,
                  signature: dict, warmup: Warmup | None = None, lr_schedule="constant",
                  clip_norm: float | None = None):
         self.model, self.guide, self.opt, self.params = model, guide, opt, params
@@ -700,39 +577,3 @@ class _Training:
     def result(self) -> FitResult:
         return FitResult(history=np.array(self.history), step_seconds=np.array(self.seconds),
                          num_steps=self.step)
-
-
-@dataclass(frozen=True)
-class _Saver:
-    """Where and when fit writes its checkpoints."""
-
-    path: Path | None
-    every: int | None
-    extra: dict
-
-    @classmethod
-    def checked(cls, checkpoint, every, resume, extra) -> _Saver:
-        if every is not None:
-            every = positive_int(every, "checkpoint_every")
-        if checkpoint is None and (every is not None or resume or extra):
-            raise ValueError(
-                "checkpoint_every, resume and checkpoint_extra need checkpoint=<file>"
-            )
-        extra = dict(extra or {})
-        clash = sorted(set(extra) & {*_FIT_KEYS, DIGEST_KEY})
-        if clash:
-            raise ValueError(f"checkpoint_extra must not use fit's own keys, got {clash}")
-        path = Path(checkpoint) if checkpoint is not None else None
-        if resume and not path.is_file():
-            raise FileNotFoundError(f"resume=True needs a checkpoint, and there is none at {path}")
-        return cls(path, every, extra)
-
-    def due(self, step: int) -> bool:
-        return self.every is not None and step % self.every == 0
-
-    def save(self, run: _Training) -> Path | None:
-        if self.path is None:
-            return None
-        return atomic_save({**self.extra, **run.state_dict()}, self.path)
-
-

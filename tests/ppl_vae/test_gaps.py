@@ -180,7 +180,7 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     model, x = ppca_truth
     x = x[:1000]
     fits, forwards = [], []
-    real_fit, real_forward = gaps_module.fit_checked, LocalNormal.forward
+    real_fit, real_forward = gaps_module.fit_trusted, LocalNormal.forward
 
     def counting_fit(model, guide, x, **kwargs):
         before = len(forwards)
@@ -192,7 +192,7 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
         forwards.append(len(x))
         return real_forward(self, x, idx, num_data)
 
-    monkeypatch.setattr(gaps_module, "fit_checked", counting_fit)
+    monkeypatch.setattr(gaps_module, "fit_trusted", counting_fit)
     monkeypatch.setattr(LocalNormal, "forward", counting_forward)
     encoder = LinearEncoder(10, 2).double()
     report = ppl_vae.gaps(model, encoder, x, num_samples=10, local_steps=40, seed=0,
