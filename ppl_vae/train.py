@@ -95,121 +95,51 @@ def fit(
     checkpoint_extra: Mapping | None = None,
     plate: str | None = None,
 ) -> FitResult:
-    """Fit ``model`` and ``guide`` to ``x`` by SVI.
+    """Fit ``model`` and ``guide`` to ``x`` by SVI on shuffled minibatches.
 
-    Minibatches are shuffled epochs; each step calls model and guide with the minibatch,
-    its row indices ``idx`` and ``num_data=N``, so the ELBO is scaled to the whole set.
-    Runs with Pyro's module-local parameters (``ppl_vae.settings.module_local``): the
-    global param store is neither read nor written.
+    Each step's loss is scaled to the whole dataset (N / batch size). The README's
+    "Training options" and "Resumable training" sections tell the options' full story.
 
     Parameters
     ----------
     model, guide : Pyro programs
-        Functions, bound methods or modules taking the data ``x`` (their parameters
-        from ``pyro.param``, ``pyro.module`` or the modules themselves), autoguides, or
-        PyroModules of the library's ``forward(x, idx=None, num_data=None)``
-        convention. Minibatches scale the data plate's sites by N / batch size.
+        Functions, bound methods or modules taking ``x``, autoguides, or PyroModules of
+        the library's convention; their parameters are trained where Pyro keeps them.
     x : Tensor or ndarray of shape (N, D)
     epochs, num_steps : int
         Give exactly one: passes over the data, or optimizer steps.
     batch_size : int, optional
-        Rows per step; the whole set when None.
-    lr : float
-        Learning rate of the default Adam optimizer.
-    optimizer : torch.optim.Optimizer subclass or callable(params) -> Optimizer, optional
-        A class is built as ``optimizer(params, lr=lr)``; a callable gets the parameters.
-    loss : pyro.infer.ELBO, optional
-        Any Pyro ELBO; by default the one ``objective`` names. Give ``loss`` or
-        ``objective``, not both.
-    objective : {"elbo", "iwae"}
-        ``"elbo"``: ``Trace_ELBO`` with ``num_particles`` samples. ``"iwae"``: the
-        importance-weighted bound with ``num_particles`` samples per datapoint
-        (:class:`ppl_vae.objectives.IWAE`; tighter, and it trains a better model, at
-        about ``num_particles`` times the cost of a step). The history then holds the
-        IWAE bound per datapoint.
-    num_particles : int
-        Samples per datapoint for the objective.
-    gradient : {"reparam", "stl", "dreg"}
-        How the gradient of the objective is estimated (``ppl_vae.gradients``); the
-        objective and the history are the same. ``"reparam"``: the reparameterized
-        gradient (Pyro's). ``"stl"``: sticking the landing (Roeder et al. 2017), for
-        ``objective="elbo"``: log q's parameters are stopped, dropping its zero-mean
-        score term, so the guide's gradient vanishes as q reaches the posterior.
-        ``"dreg"``: doubly reparameterized gradients (Tucker et al. 2018) for
-        ``objective="iwae"`` (not with ``kl_warmup``), one more model pass per step.
-        Both need every guide site to have ``rsample`` and refuse a custom ``loss``.
-    kl_warmup : int, optional
-        Steps of KL warm-up: the latent sites' log-densities (in model and guide) are
-        weighted by ``min(1, (step + 1) / kl_warmup)``, observed sites fully. The
-        history holds the objective as optimized, so it reads low while beta < 1.
-    lr_schedule : {"constant", "cosine", "exponential"} or callable(step, total) -> float
-        The learning rate of each step over ``lr`` (see
-        :func:`ppl_vae.objectives.lr_factor`): ``"cosine"`` decays to 0 along half a
-        cosine, ``"exponential"`` by a factor of 10 over the run. A function of the
-        step and the total only, so a resumed run follows it exactly.
-    clip_norm : float, optional
-        Before each step the gradient is rescaled so that its 2-norm over all parameters
-        is at most ``clip_norm`` (``torch.nn.utils.clip_grad_norm_``; under DDP, after
-        the gradients are averaged, so every rank clips alike). The loss is the ELBO of
-        the whole dataset (minibatches are scaled by N / batch size), so gradient norms
-        grow with N: pick the bound from the norms of a short unclipped run.
+        Rows per step; all of them when None.
+    lr, optimizer, lr_schedule, clip_norm : optional
+        Adam's learning rate (or a ``torch.optim`` class or factory), its schedule
+        ({"constant", "cosine", "exponential"} or ``f(step, total)``), and a bound on the
+        gradient's 2-norm.
+    loss, objective, num_particles, gradient, kl_warmup : optional
+        Any Pyro ELBO, or {"elbo", "iwae"} with K samples per datapoint; the gradient
+        estimator ({"reparam", "stl", "dreg"}); steps of KL warm-up.
     seed : int, optional
-        In [0, 2**63). Seeds torch, Python's and numpy's generators and the shuffling.
-    progress : bool
-        Show a progress bar with the ELBO and speed; False prints nothing.
-    train_model : bool
-        False fits the guide alone: the model's parameters are left out of the optimizer
-        and their gradients switched off while fitting.
-    binarize : {None, "dynamic"}
-        ``"dynamic"`` redraws x ~ Bernoulli(intensities) for every minibatch.
-    callback : callable(step, elbo) -> bool, optional
-        Called after every step with the step's index and its ELBO per datapoint; a
-        true return value stops fitting there (an early-stopping rule, for example).
-        The result then holds only the steps that ran. A KeyboardInterrupt it raises
-        is treated as an interruption (see ``checkpoint``).
-    jit : bool
-        Trace the loss once per minibatch shape (``ppl_vae.traced.TracedLoss``) and
-        replay it without Pyro's per-step Python: the same numbers, about 2 ms less per
-        step on a VAE. It needs a model and guide of static structure: the same sites
-        and ops at every step, with no Python branch on the data's values. The first
-        step of each minibatch shape compares the traced loss with the plain one
-        under the same seed and falls back to the plain loss, with a warning, when
-        they differ (that catches structure that changes between calls, not a branch
-        on values that happens to agree on the first minibatch). False runs Pyro's
-        loss as it is.
-    checkpoint : str or PathLike, optional
-        File to save the whole training state to (``torch.save``, written atomically):
-        model, guide and optimizer state, the step, torch/Python/numpy random states,
-        the minibatch order and position, and the history. Written every
-        ``checkpoint_every`` steps, at the end, and when SIGINT or SIGTERM arrives:
-        fit then stops after the current step and raises :class:`Interrupted` (a
-        KeyboardInterrupt). Signals are handled this way, between steps, whether or
-        not a checkpoint is given; a second signal acts at once.
-    checkpoint_every : int, optional
-        Steps between checkpoints; only at the end and on interruption when None.
-    resume : bool
-        Continue from ``checkpoint`` (which must exist). With the same arguments the
-        final parameters equal those of an uninterrupted run, bit for bit on a CPU.
-        ``epochs``/``num_steps`` may grow; the data size, batch size, seed,
-        ``train_model`` and ``binarize`` must be those of the checkpoint.
-    checkpoint_extra : mapping, optional
-        Saved beside fit's own keys (the command line keeps its configuration there).
+        Seeds torch, Python's and numpy's generators and the shuffling.
+    progress, callback : optional
+        A progress bar; ``callback(step, elbo)`` after every step, a true value stops.
+    train_model, binarize, jit : optional
+        False fits the guide alone; "dynamic" redraws binary x every minibatch; trace
+        the loss once per minibatch shape (checked against the plain loss).
+    checkpoint, checkpoint_every, resume, checkpoint_extra : optional
+        A file for the whole training state (with a digest), how often to write it,
+        whether to continue from it (bit for bit), and extra keys to keep in it.
     plate : str, optional
         The model's data plate, when it cannot be told from the model.
 
     Returns
     -------
     FitResult
-        On resume, the history covers every step since the start of the run.
 
     Raises
     ------
     ValueError
-        On bad input, before any work (``CheckpointError``, a ValueError, for a
-        checkpoint that cannot be read or does not match).
+        On bad input or a NaN density, before the work where it can be found then.
     FloatingPointError
-        When the loss or the parameters become NaN or inf; it names the step, and the
-        parameters and optimizer state are restored to those after the last finite step.
+        When the loss or parameters become inf or NaN; the last finite state is kept.
     Interrupted
         On SIGINT or SIGTERM, after the checkpoint (if any) is written.
 

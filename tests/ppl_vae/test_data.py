@@ -20,12 +20,8 @@ import torch
 from pyro.nn import PyroModule
 
 from ppl_vae import data
-from ppl_vae.data import (
-    DatasetNotFoundError,
-    dynamic_binarize,
-    load_dataset,
-    sample_from_model,
-)
+from ppl_vae.data import DatasetNotFoundError, dynamic_binarize, load_dataset
+from ppl_vae.simulate import sample_from_model
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data at {SHARED}")
