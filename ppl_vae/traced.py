@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 # Calls after the first that are still checked against the plain loss, each on fresh
-# draws; a branch taken with probability 1/2 escapes all of them with probability 1/16.
-CHECKED_CALLS = 4
+# draws; a branch taken with probability 1/2 escapes all of them with probability 1/256.
+CHECKED_CALLS = 8
 
 
 class TracedLoss(nn.Module):
@@ -50,10 +50,11 @@ class TracedLoss(nn.Module):
         key = (x.shape, x.dtype, idx.shape, num_data)
         traced = self._traces.get(key, False)
         if traced is False:
-            traced = self._traces[key] = self._trace(x, idx, num_data)
+            self._traces[key] = self._trace(x, idx, num_data)
             self._unchecked[key] = CHECKED_CALLS
-            return self.loss_module(x, idx=idx, num_data=num_data) if traced is None \
-                else traced(x, idx, *self._params)
+            # The first call runs plainly: it moves every generator (Python's and
+            # numpy's too, which a trace cannot) exactly as jit=False would.
+            return self.loss_module(x, idx=idx, num_data=num_data)
         if traced is None:
             return self.loss_module(x, idx=idx, num_data=num_data)
         if self._unchecked[key]:
@@ -70,13 +71,17 @@ class TracedLoss(nn.Module):
         state = pyro.util.get_rng_state()
         with torch.no_grad():
             expected = self.loss_module(x, idx=idx, num_data=num_data)
+        after = pyro.util.get_rng_state()
         pyro.util.set_rng_state(state)
         got = traced(x, idx, *self._params)
+        # The trace draws from torch alone; Python's and numpy's generators move on as the
+        # plain loss moved them, so that the next check sees fresh draws of theirs too.
+        pyro.util.set_rng_state(after)
         if _close(got.detach(), expected):
             return got
         warnings.warn(
-            f"the traced loss ({float(got)}) differs from the plain one ({float(expected)}) "
-            "on fresh draws: the model or guide decides something in Python that the trace "
+            f"the traced loss ({float(got.detach())}) differs from the plain one "
+            f"({float(expected)}) on fresh draws: the model or guide decides something in Python that the trace "
             "froze (a random branch, a branch on a sampled value); running it plainly from "
             "now on (pass jit=False to skip tracing)",
             stacklevel=4,

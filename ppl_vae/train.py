@@ -275,7 +275,7 @@ class _DivergenceWatch:
     from tens of nats to 1e14: no NaN is raised, and the result is meaningless.
     """
 
-    FIRST_STEPS = 10
+    FIRST_STEPS = 1
     FACTOR = 100.0
 
     def __init__(self):

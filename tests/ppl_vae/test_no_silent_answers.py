@@ -1,0 +1,168 @@
+"""No silent wrong answers: NaN densities, frozen traces, runaway training, long work.
+
+Each test fails on the main of before issue 20: NaN came back as an estimate, a random
+branch trained one frozen trace, ``lr=0`` and ``lr=1e6`` went through without a word.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.nn import PyroModule
+
+import ppl_vae
+from ppl_vae.models.blocks import data_plate
+from ppl_vae.programs import as_programs
+from ppl_vae.traced import TracedLoss
+
+X = torch.randn(40, 3)
+
+
+def amortized_guide(x):
+    loc = pyro.param("loc_w", lambda: torch.zeros(3))
+    with pyro.plate("N", x.shape[0]):
+        pyro.sample("z", dist.Normal(x @ loc, 0.5))
+
+
+def nan_for_negative_z(x):
+    with pyro.plate("N", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        # log of a negative number: the likelihood is NaN for about half of the draws
+        loc = torch.log(z)[..., None].expand(*z.shape, x.shape[-1])
+        pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+
+@pytest.fixture(autouse=True)
+def clean_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("estimate", [
+    lambda: ppl_vae.log_marginal(nan_for_negative_z, amortized_guide, X, 50, seed=0),
+    lambda: ppl_vae.elbo(nan_for_negative_z, amortized_guide, X, 50, seed=0),
+    lambda: ppl_vae.log_marginal(nan_for_negative_z, None, X, 50, proposal="prior", seed=0),
+    lambda: ppl_vae.ais(nan_for_negative_z, X, num_steps=3, num_chains=4, seed=0,
+                        progress=False),
+])
+def test_a_nan_likelihood_is_refused_naming_the_site_and_rows(estimate):
+    with pytest.raises(ValueError, match=r"model site 'obs' \(datapoints \[0, 1"):
+        estimate()
+
+
+def test_fit_names_a_nan_site_instead_of_blaming_the_learning_rate():
+    with pytest.raises(ValueError, match=r"the loss became NaN.*model site 'obs'"):
+        ppl_vae.fit(nan_for_negative_z, amortized_guide, X, num_steps=5, progress=False)
+
+
+def zero_scale_guide(x):
+    with pyro.plate("N", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0]), 0.0))
+
+
+def simple_model(x):
+    with pyro.plate("N", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z[..., None].expand(*z.shape, x.shape[-1]), 1.0)
+                    .to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ppl_vae.log_marginal(simple_model, zero_scale_guide, X, 10),
+    lambda: ppl_vae.elbo(simple_model, zero_scale_guide, X, 10),
+    lambda: ppl_vae.ais(simple_model, X, proposal=zero_scale_guide, num_steps=2, num_chains=2,
+                        progress=False),
+    lambda: ppl_vae.gaps(simple_model, zero_scale_guide, X, local="diag", num_samples=4,
+                         local_steps=3, progress=False),
+])
+def test_a_guide_of_scale_zero_is_refused_naming_its_site(call):
+    with pytest.raises(ValueError, match="guide site 'z'.*NaN log-density"):
+        call()
+
+
+def gamma_model(x):
+    with pyro.plate("N", x.shape[0]):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 2.0))
+        pyro.sample("obs", dist.Poisson(rate[..., None].expand(*rate.shape, x.shape[-1]))
+                    .to_event(1), obs=x)
+
+
+def normal_guide_for_rate(x):
+    loc = pyro.param("rate_loc", lambda: torch.tensor(1.0))
+    with pyro.plate("N", x.shape[0]):
+        pyro.sample("rate", dist.Normal(loc, 1.0))
+
+
+def test_fit_refuses_a_real_guide_on_a_positive_latent_naming_the_support():
+    counts = torch.poisson(torch.ones(30, 2))
+    with pytest.raises(ValueError, match=r"guide site 'rate'.*support GreaterThan"):
+        ppl_vae.fit(gamma_model, normal_guide_for_rate, counts, num_steps=3, progress=False)
+
+
+class NoToEvent(PyroModule):
+    def forward(self, x, idx=None, num_data=None):
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            pyro.sample("x", dist.Normal(z.expand(*z.shape[:-1], 3), 1.0), obs=x)
+
+
+class Guide(PyroModule):
+    def forward(self, x, idx=None, num_data=None):
+        with data_plate(x, idx, num_data):
+            pyro.sample("z", dist.Normal(x.new_zeros(len(x), 1), 1.0).to_event(1))
+
+
+def test_fit_gives_the_clear_message_for_an_observation_without_to_event():
+    with pytest.raises(ValueError, match=r"\.to_event\(n\)"):
+        ppl_vae.fit(NoToEvent(), Guide(), X, num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("lr", [0, -1.0, float("nan"), float("inf")])
+def test_fit_checks_the_learning_rate(lr):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        ppl_vae.fit(simple_model, amortized_guide, X, num_steps=2, lr=lr, progress=False)
+
+
+def test_a_runaway_elbo_warns():
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match="orders of magnitude lower"):
+        ppl_vae.fit(simple_model, amortized_guide, X, num_steps=60, lr=1e6, progress=False)
+
+
+def random_branch_model(x):
+    scale = 0.5 if random.random() < 0.5 else 2.0
+    w = pyro.param("w", lambda: torch.ones(3))
+    with pyro.plate("N", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z[..., None] * w, scale).to_event(1), obs=x)
+
+
+def test_a_random_python_branch_falls_back_to_the_plain_loss():
+    kwargs = dict(num_steps=30, lr=1e-2, seed=3, progress=False)
+    with pytest.warns(UserWarning, match="differs from the plain one .* on fresh draws"):
+        traced = ppl_vae.fit(random_branch_model, amortized_guide, X, jit=True, **kwargs)
+    pyro.clear_param_store()
+    plain = ppl_vae.fit(random_branch_model, amortized_guide, X, jit=False, **kwargs)
+    assert traced.history == pytest.approx(plain.history, rel=1e-4)
+
+
+def test_a_static_model_keeps_its_traced_loss():
+    model, guide = as_programs(simple_model, amortized_guide, X, proposal=False)
+    loss = TracedLoss(Trace_ELBO(max_plate_nesting=1)(model, guide))
+    idx = torch.arange(len(X))
+    for _ in range(8):
+        loss(X, idx, len(X))
+    assert loss.is_traced()
+
+
+def test_long_estimates_show_a_progress_bar(capsys):
+    ppl_vae.log_marginal(simple_model, amortized_guide, X, 256 * 40, seed=0)
+    assert "importance sampling" in capsys.readouterr().err
+    ppl_vae.log_marginal(simple_model, amortized_guide, X, 64, seed=0)
+    assert capsys.readouterr().err == ""
