@@ -81,9 +81,9 @@ class TracedLoss(nn.Module):
             return got
         warnings.warn(
             f"the traced loss ({float(got.detach())}) differs from the plain one "
-            f"({float(expected)}) on fresh draws: the model or guide decides something in Python that the trace "
-            "froze (a random branch, a branch on a sampled value); running it plainly from "
-            "now on (pass jit=False to skip tracing)",
+            f"({float(expected)}) on fresh draws: the model or guide decides something in "
+            "Python that the trace froze (a random branch, a branch on a sampled value); "
+            "running it plainly from now on (pass jit=False to skip tracing)",
             stacklevel=4,
         )
         self._traces[key] = None
