@@ -36,18 +36,22 @@ from tqdm.auto import tqdm
 from ppl_vae.densities import log_density, refuse_nan
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.programs import as_programs
-from ppl_vae.seeding import base_seed, blocks, caller_rng_kept, check_seed, seed_torch
+from ppl_vae.seeding import ROW_BLOCK, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_guide, check_rows, check_structure
 from ppl_vae.validation import as_data, one_of, positive_int
 
 PROPOSALS = ("guide", "prior")
 
-# Samples per seeded unit of work: a unit is SAMPLE_BLOCK samples of ROW_BLOCK (16) rows,
-# run as one vectorized call. It is fixed (not a memory knob) because it is part of what
-# the draws of a seeded evaluation are; 256 x 16 samples of a 784-pixel decoder keep each
-# temporary near 13 MB.
+# Samples per seeded unit of work: a unit is that many samples of ROW_BLOCK (16) rows,
+# run as one vectorized call. It is part of what the draws of a seeded evaluation are, so
+# it depends on nothing but the data's width D (not on the call, its chunks or its
+# processes): SAMPLE_BLOCK for wide data (256 x 16 samples of a 784-pixel decoder keep
+# each temporary near 13 MB), more for narrow data, where each call's Python would
+# otherwise cost more than its arithmetic (UNIT_VALUES values of x per unit).
 SAMPLE_BLOCK = 256
+MAX_SAMPLE_BLOCK = 4096
+UNIT_VALUES = 2**18
 # Seeded units of work from which an estimate shows a progress bar (~1 s of a VAE).
 PROGRESS_UNITS = 64
 
@@ -310,6 +314,12 @@ class Job:
             seed = base_seed(seed)
         return cls(model, guide, x, idx, num_data, num_samples, proposal, seed, progress)
 
+    def sample_slices(self) -> Iterator[tuple[int, int, int]]:
+        """(number, first sample, samples) of each seeded sample block of K."""
+        size = sample_block(self.x.shape[1])
+        for number, start in enumerate(range(0, self.num_samples, size)):
+            yield number, start, min(size, self.num_samples - start)
+
     def blocks(self) -> list:
         """This process's blocks of rows (all of them without torch.distributed)."""
         return my_share(list(blocks(self.idx)))
@@ -327,7 +337,7 @@ class Job:
         The caller's random state is restored afterwards.
         """
         blocks_ = self.blocks()
-        total = len(blocks_) * math.ceil(self.num_samples / SAMPLE_BLOCK)
+        total = len(blocks_) * math.ceil(self.num_samples / sample_block(self.x.shape[1]))
         bar = tqdm(total=total, disable=not self.progress or total < PROGRESS_UNITS,
                    desc="importance sampling", unit="block")
         with bar, caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
@@ -335,12 +345,16 @@ class Job:
                 rows = block.rows.to(self.x.device)
                 positions = block.positions.to(self.x.device)
                 xb, ib = self.x[rows], self.idx[rows]
-                for number, start in enumerate(range(0, self.num_samples, SAMPLE_BLOCK)):
-                    k = min(SAMPLE_BLOCK, self.num_samples - start)
+                for number, start, k in self.sample_slices():
                     seed_torch(self.seed, block.number, number)
                     lw = _unit(self.model, self.guide, xb, ib, self.num_data, k, self.proposal)
                     yield positions, slice(start, start + k), lw[:, block.real.to(lw.device)]
                     bar.update()
+
+
+def sample_block(data_dim: int) -> int:
+    """Samples per seeded unit for data of width ``data_dim`` (see SAMPLE_BLOCK)."""
+    return max(SAMPLE_BLOCK, min(MAX_SAMPLE_BLOCK, UNIT_VALUES // (ROW_BLOCK * data_dim)))
 
 
 def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:

@@ -45,7 +45,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 
 from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered
-from ppl_vae.estimators import SAMPLE_BLOCK, Job, mean_se
+from ppl_vae.estimators import Job, mean_se
 from ppl_vae.guides.latent_space import LatentSpace
 from ppl_vae.seeding import caller_rng_kept, seed_torch
 from ppl_vae.settings import module_local
@@ -163,8 +163,7 @@ def _draw(job: Job, space: LatentSpace) -> _Drawn:
         for block in job.blocks():
             rows, positions = block.rows.to(job.x.device), block.positions.to(job.x.device)
             real = block.real.to(job.x.device)
-            for number, start in enumerate(range(0, k, SAMPLE_BLOCK)):
-                size = min(SAMPLE_BLOCK, k - start)
+            for number, start, size in job.sample_slices():
                 seed_torch(job.seed, block.number, number)
                 guide_trace, model_trace = _traces(job, job.x[rows], job.idx[rows], size)
                 _keep(out, space, guide_trace, model_trace, slice(start, start + size),

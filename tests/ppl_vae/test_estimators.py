@@ -8,7 +8,7 @@ import torch
 from pyro.nn import PyroModule
 
 import ppl_vae
-from ppl_vae.estimators import SAMPLE_BLOCK
+from ppl_vae.estimators import sample_block
 from ppl_vae.guides import ExactPosterior, LinearEncoder
 from ppl_vae.models import PPCA
 
@@ -44,11 +44,11 @@ def test_exact_posterior_weights_have_zero_variance(mle):
 
 
 def test_blocks_are_assembled_per_datapoint(mle):
-    # Scattered row indices make partial, padded blocks, and K > SAMPLE_BLOCK splits the
+    # Scattered row indices make partial, padded blocks, and K > sample_block(D) splits the
     # samples; with exact weights any misplaced cell shows up as another row's log p(x).
     model, x = mle
     idx = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:37]
-    k = SAMPLE_BLOCK + 11
+    k = sample_block(x.shape[1]) + 11
     lw = ppl_vae.log_weights(model, ExactPosterior(model), x[:37], k, idx=idx, num_data=500)
     exact = model.marginal().log_prob(x[:37]).detach()
     torch.testing.assert_close(lw, exact.expand(k, -1), rtol=0, atol=1e-9)

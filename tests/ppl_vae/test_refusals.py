@@ -124,7 +124,7 @@ def test_one_sample_gives_estimates_with_nan_errors(ppca_truth):
 def test_log_marginal_streams_over_k_with_an_exact_running_logsumexp(ppca_truth):
     model, x = ppca_truth
     guide = ppl_vae.guides.LinearEncoder(10, 2).double()
-    k = 3 * ppl_vae.estimators.SAMPLE_BLOCK + 5
+    k = 3 * ppl_vae.estimators.sample_block(x.shape[1]) + 5
     lw = ppl_vae.log_weights(model, guide, x[:20], k, seed=4)
     streamed = ppl_vae.log_marginal(model, guide, x[:20], k, seed=4)
     torch.testing.assert_close(streamed, torch.logsumexp(lw, 0) - math.log(k))
