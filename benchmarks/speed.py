@@ -360,14 +360,15 @@ def items(sizes: Sizes) -> list[tuple[str, object]]:
     return out
 
 
-def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | None) -> dict:
+def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | None,
+        threads_list=THREADS) -> dict:
     """Measure every item at every thread count, writing ``path[mode]`` as it goes."""
     everything = json.loads(path.read_text()) if path.exists() else {}
     section = everything.get(mode) if resume else None
     if section is None:
         section = {"meta": _meta(mode, sizes), "items": {}}
     everything[mode] = section
-    for threads in THREADS:
+    for threads in threads_list:
         torch.set_num_threads(threads)
         rate = sgemm_rate()
         section["meta"]["sgemm_gflops"][str(threads)] = rate / 1e9
@@ -443,6 +444,7 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip items already measured")
     parser.add_argument("--table", action="store_true", help="print the table and stop")
     parser.add_argument("--only", nargs="*", help="item name prefixes, e.g. fit/ ais/16x")
+    parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -454,7 +456,8 @@ def main(argv=None) -> None:
     if args.compare and out.exists() and not args.resume:
         out.unlink()
     start = time.perf_counter()
-    section = run(mode, sizes, out, resume=args.resume, only=args.only)
+    section = run(mode, sizes, out, resume=args.resume, only=args.only,
+                  threads_list=args.threads)
     print(f"\n{mode} run: {time.perf_counter() - start:.0f} s\n\n{table(section)}")
     if args.compare:
         committed = json.loads(args.json.read_text()).get(mode, {})
