@@ -12,16 +12,22 @@ with scale = softplus(raw) + 1e-4, the library's ``SCALE_FLOOR``.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+ais_settings = importlib.import_module("ppl_vae.ais")  # the module, not ppl_vae.ais()
+
 LOG_2PI = math.log(2 * math.pi)
 SCALE_FLOOR = 1e-4
-# ais()'s defaults: pilot chains, step-size rule and its range, sigmoid schedule.
-PILOT_CHAINS, ADAPT_GAIN, STEP_RANGE, SIGMOID_DELTA = 4, 0.05, (1e-4, 1.0), 4.0
+# ais()'s settings (the same work, whatever they are): pilot chains, the step-size
+# rule's gain and range, the sigmoid schedule's delta.
+PILOT_CHAINS, ADAPT_GAIN, STEP_RANGE = ais_settings.PILOT_CHAINS, ais_settings.ADAPT_GAIN, \
+    ais_settings.STEP_SIZE_RANGE
+SIGMOID_DELTA = ais_settings.SIGMOID_DELTA
 
 
 def log_normal(z: Tensor) -> Tensor:
