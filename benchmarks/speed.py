@@ -5,7 +5,8 @@ same network weights (``benchmarks/plain_loops.py``) run alternately, several ti
 and the best time of each is kept (the machine is shared: ratios, not absolute times,
 are what to read). Every item runs at 1 and 2 torch threads, and is set against its
 GEMM bound: the FLOPs of its matrix products divided by this machine's SGEMM rate,
-measured here at the same thread count (best of 2048^3 products).
+measured here at the same thread count just before the item (best of 2048^3
+products).
 
 Items:
 
@@ -378,7 +379,10 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
             if str(threads) in section["items"].get(name, {}):
                 continue
             start = time.perf_counter()
+            # Measured again before each item: on a shared machine the rate follows the load.
+            rate = sgemm_rate()
             result = measure(sizes, rate)
+            result["sgemm_gflops"] = rate / 1e9
             result["seconds"] = time.perf_counter() - start
             section["items"].setdefault(name, {})[str(threads)] = result
             _write(path, everything)
