@@ -9,8 +9,9 @@ random subset of test points. Prints and writes (``--out``/ais_mnist.json):
    and from fitted local (diagonal) guides;
 2. BDMC on points simulated from the model: the sandwich upper - lower per step count;
 3. seconds per datapoint of each;
-4. ``ais()`` against the same AIS written as a plain PyTorch loop (same schedule,
-   chains, leapfrog steps and pilot-chain adaptation), and the ratio of both to the
+4. ``ais()`` against the same AIS written as a plain PyTorch loop
+   (``benchmarks.plain_loops.vae_ais``: same schedule, chains, leapfrog steps and
+   pilot-chain adaptation), and the ratio of both to the
    GEMM bound (the leapfrog gradients' decoder FLOPs over the measured SGEMM rate).
 
     python -m benchmarks.ais_mnist --checkpoint runs/vae_mnist/epochs200.pt \\
@@ -22,20 +23,18 @@ Each finished measurement is appended to the JSON, and a rerun skips it (resumab
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ppl_vae
+from benchmarks import plain_loops
 from benchmarks.store import opened
 from ppl_vae.cli import load_checkpoint
 from ppl_vae.data import load_dataset
 
-ais_module = importlib.import_module("ppl_vae.ais")
-PILOT_CHAINS = 4  # ais()'s default
+PILOT_CHAINS = plain_loops.PILOT_CHAINS
 
 
 def main(argv=None) -> None:
@@ -124,7 +123,9 @@ def _speed(model, encoder, x, args) -> dict:
                            seed=repeat, progress=False)
         library.append(time.perf_counter() - start)
         start = time.perf_counter()
-        reference = plain_ais(model, encoder, x, steps, chains, seed=repeat)
+        torch.manual_seed(repeat)
+        loc, scale = plain_loops.gaussian_encoder(encoder.net, x)
+        reference = plain_loops.vae_ais(model.decoder, loc, scale, x, steps, chains)
         plain.append(time.perf_counter() - start)
     gemm = _gemm_seconds(model, x, steps, chains + PILOT_CHAINS)
     return {
@@ -135,58 +136,6 @@ def _speed(model, encoder, x, args) -> dict:
         "library_log_px": float(ours.log_marginal.mean()),
         "plain_log_px": float(reference.mean()),
     }
-
-
-def plain_ais(model, encoder, x, num_steps, num_chains, *, seed, pilot=PILOT_CHAINS, leapfrog=10,
-              step_size=0.05, target=0.65, gain=0.05):
-    """The same AIS as ais(model, x, proposal=encoder) for a Bernoulli VAE with a diagonal
-    Gaussian encoder, in plain PyTorch: the reference for speed (and a check of values)."""
-    torch.manual_seed(seed)
-    decoder = model.decoder
-    q = encoder.distribution(x)
-    loc, scale = q.base_dist.loc, q.base_dist.scale
-    chains = num_chains + pilot
-    z = loc + scale * torch.randn(chains, *loc.shape)
-    betas = ais_module.schedule_betas("sigmoid", num_steps).tolist()
-
-    def parts(z):
-        log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log()).sum(-1) \
-            - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-        log_prior = (-0.5 * z**2).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-        log_lik = -F.binary_cross_entropy_with_logits(
-            decoder(z), x.expand(z.shape[0], -1, -1), reduction="none").sum(-1)
-        return log_q, log_prior + log_lik
-
-    def grad(z, beta):
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            log_q, log_p = parts(z)
-            log_f = (1 - beta) * log_q + beta * log_p
-            return log_f.detach(), torch.autograd.grad(log_f.sum(), z)[0]
-
-    eps = torch.full((len(x), 1), step_size)
-    log_w = torch.zeros(chains, len(x))
-    for t in range(1, num_steps + 1):
-        with torch.no_grad():
-            log_q, log_p = parts(z)
-        log_w += (betas[t] - betas[t - 1]) * (log_p - log_q)
-        if t == num_steps:
-            break
-        beta = betas[t]
-        p0 = torch.randn_like(z)
-        log_f0, g = grad(z, beta)
-        position, p = z, p0 + 0.5 * eps * g
-        for i in range(leapfrog):
-            position = position + eps * p
-            log_f1, g = grad(position, beta)
-            p = p + (eps if i < leapfrog - 1 else 0.5 * eps) * g
-        h0 = -log_f0 + 0.5 * p0.square().sum(-1)
-        h1 = -log_f1 + 0.5 * p.square().sum(-1)
-        accept = torch.exp(torch.clamp(h0 - h1, max=0.0)).nan_to_num(0.0)
-        z = torch.where((torch.rand_like(accept) < accept)[..., None], position, z)
-        eps = (eps * torch.exp(gain * (accept[num_chains:].mean(0) - target))[:, None]
-               ).clamp(1e-4, 1.0)
-    return torch.logsumexp(log_w[:num_chains], 0) - math.log(num_chains)
 
 
 def _gemm_seconds(model, x, steps, chains) -> float:

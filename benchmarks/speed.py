@@ -1,0 +1,475 @@
+"""Speed of the library's hot paths against plain PyTorch loops doing the same work.
+
+For each item, the library call and a plain PyTorch loop of the same arithmetic on the
+same network weights (``benchmarks/plain_loops.py``) run alternately, several times,
+and the best time of each is kept (the machine is shared: ratios, not absolute times,
+are what to read). Every item runs at 1 and 2 torch threads, and is set against its
+GEMM bound: the FLOPs of its matrix products divided by this machine's SGEMM rate,
+measured here at the same thread count just before the item (best of 2048^3
+products).
+
+Items:
+
+- ``fit/*``: seconds per SVI step (median over a run's steps) of ``ppl_vae.fit``:
+  VAE(784, 50, (200, 200)) + MLPEncoder, batch 100; PPCA(64, 8) + LinearEncoder, batch
+  128; the VAE with FlowEncoder (2 couplings), batch 100; random binary data of MNIST's
+  shape (a step's cost does not depend on the pixels).
+- ``log_marginal/*``: ``ppl_vae.log_marginal`` with K=1000, on 100 MNIST-size points of
+  that VAE (against IWAE with all K at once), and on PPCA(13, 2) of the standardized
+  wine data (178 points; also against ``pyro.infer.Importance``).
+- ``ais/PxCxS``: ``ppl_vae.ais`` from the encoder, P points x C chains x S steps, 10
+  leapfrog steps, against the same HMC-AIS (pilot-chain adaptation included) by hand.
+- ``fit_local/*``: ``ppl_vae.fit_local`` ("diag", "flow"; 8 particles, lr 3e-2, a fixed
+  number of steps) against plain Adam on the same per-datapoint parameters.
+
+    python -m benchmarks.speed --quick            # < 2 minutes: rerun after engine changes
+    python -m benchmarks.speed --quick --compare  # fresh run against the committed JSON
+    python -m benchmarks.speed [--resume]         # the full grid, written item by item
+    python -m benchmarks.speed --table            # the README table from the JSON
+
+Results go to ``benchmarks/results/speed.json`` under "quick" or "full" (``--compare``
+writes ``runs/speed_compare.json`` instead and prints the ratios that grew by more than
+10% against the committed figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+
+import ppl_vae
+from benchmarks import plain_loops as plain
+from benchmarks.timing import row
+from ppl_vae.guides import FlowEncoder, LinearEncoder, MLPEncoder
+from ppl_vae.guides.local import LocalFlow
+from ppl_vae.models import PPCA, VAE
+
+RESULTS = Path(__file__).parent / "results" / "speed.json"
+COMPARE_OUT = Path("runs") / "speed_compare.json"
+THREADS = (1, 2)
+REGRESSION = 1.10
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes and repeats of one mode (the tests use toy ones)."""
+
+    data_dim: int = 784
+    latent: int = 50
+    hidden: tuple = (200, 200)
+    fit_data: int = 10000
+    fit_steps: int = 200
+    fit_repeats: int = 5
+    lm_points: int = 100
+    lm_k: int = 1000
+    lm_repeats: int = 5
+    ais_grid: tuple = tuple((p, c, s) for p in (16, 200) for c in (8, 64) for s in (40, 400))
+    ais_repeats: int = 3
+    local_points: int = 100
+    local_steps: int = 300
+    local_repeats: int = 3
+    importance_repeats: int = 2
+
+
+FULL = Sizes()
+QUICK = Sizes(fit_steps=30, fit_repeats=3, lm_points=50, lm_repeats=2,
+              ais_grid=((16, 8, 40), (50, 8, 20)), ais_repeats=2, local_points=16,
+              local_steps=30, local_repeats=2, importance_repeats=1)
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def best_alternating(library, reference, repeats: int) -> tuple[float, float]:
+    """Best seconds of each of two zero-argument timers, run alternately ``repeats``
+    times, so that the machine's noise hits both alike."""
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(library())
+        theirs.append(reference())
+    return min(ours), min(theirs)
+
+
+def wall(fn) -> float:
+    """Seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of this machine's single-precision GEMM at the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    return 2 * size**3 / min(wall(lambda: a @ b) for _ in range(repeats))
+
+
+def macs(*modules) -> int:
+    """Multiply-accumulates of one input row through every ``nn.Linear`` of the modules."""
+    return sum(m.in_features * m.out_features for module in modules
+               for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def figures(library_s: float, plain_s: float, flops: float, rate: float, **extra) -> dict:
+    bound = flops / rate
+    return {"library_s": library_s, "plain_s": plain_s, "ratio": library_s / plain_s,
+            "gemm_s": bound, "library_over_gemm": library_s / bound,
+            "plain_over_gemm": plain_s / bound, **extra}
+
+
+# ------------------------------------------------------------------- fit steps
+
+
+def binary_data(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, d, generator=g) < 0.15).float()
+
+
+def _fit_seconds(model, guide, x, sizes: Sizes, batch: int, lr: float) -> float:
+    model, guide = copy.deepcopy(model), copy.deepcopy(guide)
+    result = ppl_vae.fit(model, guide, x, num_steps=sizes.fit_steps, batch_size=batch, lr=lr,
+                         progress=False)
+    return float(statistics.median(result.step_seconds))
+
+
+def _plain_fit_seconds(elbo_of_batch, params, x, sizes: Sizes, batch: int, lr: float) -> float:
+    opt = torch.optim.Adam(params, lr=lr)
+    n = len(x)
+    order = torch.cat([torch.randperm(n) for _ in range(sizes.fit_steps * batch // n + 1)])
+    batches = iter(order.split(batch))
+
+    def loss():
+        xb = x[next(batches)]
+        return -(n / len(xb)) * elbo_of_batch(xb).sum()
+
+    step = plain.training_step(opt, loss)
+    seconds = [wall(step) for _ in range(sizes.fit_steps)]
+    return float(statistics.median(seconds))
+
+
+def item_fit_vae(sizes: Sizes, rate: float) -> dict:
+    torch.manual_seed(0)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    x, batch = binary_data(sizes.fit_data, sizes.data_dim), 100
+
+    def reference():
+        encoder, decoder = copy.deepcopy(guide.net), copy.deepcopy(model.decoder)
+        params = [*encoder.parameters(), *decoder.parameters()]
+        return _plain_fit_seconds(
+            lambda xb: plain.vae_elbo(encoder, decoder, xb, torch.randn(len(xb), sizes.latent)),
+            params, x, sizes, batch, 1e-3)
+
+    lib, ref = best_alternating(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-3),
+                                reference, sizes.fit_repeats)
+    return figures(lib, ref, 3 * 2 * batch * macs(guide.net, model.decoder), rate)
+
+
+def item_fit_ppca(sizes: Sizes, rate: float) -> dict:
+    torch.manual_seed(0)
+    d, k, n, batch = 64, 8, 5000, 128
+    model, guide = PPCA(d, k), LinearEncoder(d, k)
+    x = torch.randn(n, d) @ torch.randn(d, d) / math.sqrt(d)
+
+    def reference():
+        W, mu = model.W.detach().clone(), model.mu.detach().clone()
+        log_sigma = model.sigma_unconstrained.detach().clone()
+        weight, bias = guide.loc.weight.detach().clone(), guide.loc.bias.detach().clone()
+        log_scale = guide.raw_scale.detach().clone()
+        params = [p.requires_grad_() for p in (W, mu, log_sigma, weight, bias, log_scale)]
+        return _plain_fit_seconds(
+            lambda xb: plain.ppca_elbo(W, mu, log_sigma, weight, bias, log_scale, xb,
+                                       torch.randn(len(xb), k)),
+            params, x, sizes, batch, 1e-2)
+
+    lib, ref = best_alternating(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-2),
+                                reference, sizes.fit_repeats)
+    return figures(lib, ref, 3 * 2 * batch * 2 * d * k, rate)
+
+
+def item_fit_flow(sizes: Sizes, rate: float) -> dict:
+    torch.manual_seed(0)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    guide = FlowEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden, num_flows=2)
+    x, batch = binary_data(sizes.fit_data, sizes.data_dim), 100
+
+    def reference():
+        encoder, couplings = copy.deepcopy(guide.net), copy.deepcopy(guide.flows)
+        decoder = copy.deepcopy(model.decoder)
+        params = [*encoder.parameters(), *couplings.parameters(), *decoder.parameters()]
+        return _plain_fit_seconds(
+            lambda xb: plain.flow_elbo(encoder, couplings, decoder, xb,
+                                       torch.randn(len(xb), sizes.latent)),
+            params, x, sizes, batch, 1e-3)
+
+    lib, ref = best_alternating(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-3),
+                                reference, sizes.fit_repeats)
+    return figures(lib, ref, 3 * 2 * batch * macs(guide, model.decoder), rate)
+
+
+# --------------------------------------------------------------------- log p(x)
+
+
+def item_log_marginal_vae(sizes: Sizes, rate: float) -> dict:
+    torch.manual_seed(0)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    x, k = binary_data(sizes.lm_points, sizes.data_dim, seed=1), sizes.lm_k
+    lib, ref = best_alternating(
+        lambda: wall(lambda: ppl_vae.log_marginal(model, guide, x, k, seed=0)),
+        lambda: wall(lambda: plain.vae_log_marginal(guide.net, model.decoder, x, k)),
+        sizes.lm_repeats)
+    flops = 2 * len(x) * (macs(guide.net) + k * macs(model.decoder))
+    return figures(lib, ref, flops, rate)
+
+
+def wine() -> torch.Tensor:
+    """The 178 x 13 wine data of scikit-learn, standardized per column."""
+    from sklearn.datasets import load_wine
+
+    x = torch.as_tensor(load_wine().data, dtype=torch.float32)
+    return (x - x.mean(0)) / x.std(0)
+
+
+def item_log_marginal_ppca(sizes: Sizes, rate: float) -> dict:
+    x, k = wine(), sizes.lm_k
+    model = PPCA.from_data(x, 2)
+    guide = LinearEncoder(x.shape[1], 2)  # at the prior: the cost does not depend on it
+    W, mu, sigma = (t.detach() for t in (model.W, model.mu, model.sigma))
+    weight, bias = guide.loc.weight.detach(), guide.loc.bias.detach()
+    scale = guide.raw_scale.detach().exp()
+    lib, ref = best_alternating(
+        lambda: wall(lambda: ppl_vae.log_marginal(model, guide, x, k, seed=0)),
+        lambda: wall(lambda: plain.ppca_log_marginal(W, mu, sigma, weight, bias, scale, x, k)),
+        sizes.lm_repeats)
+
+    def importance():
+        with pyro.settings.context(module_local_params=True):
+            pyro.infer.Importance(model, guide, num_samples=k).run(x).get_log_normalizer()
+
+    builtin = min(wall(importance) for _ in range(sizes.importance_repeats))
+    flops = 2 * len(x) * 2 * x.shape[1] * 2 * (1 + k)
+    return figures(lib, ref, flops, rate, importance_s=builtin,
+                   times_faster_than_importance=builtin / lib)
+
+
+# -------------------------------------------------------------------------- AIS
+
+
+def ais_repeats(sizes: Sizes, points: int, chains: int, steps: int) -> int:
+    """Fewer repeats for the biggest cells, whose long runs average the noise anyway."""
+    work = points * (chains + plain.PILOT_CHAINS) * steps
+    return sizes.ais_repeats if work < 3e5 else max(1, sizes.ais_repeats - (1 if work < 2e6
+                                                                            else 2))
+
+
+def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    x = binary_data(points, sizes.data_dim, seed=2)
+    for p in (*model.parameters(), *guide.parameters()):
+        p.requires_grad_(False)
+
+    def reference():
+        loc, scale = plain.gaussian_encoder(guide.net, x)
+        return plain.vae_ais(model.decoder, loc, scale, x, steps, chains)
+
+    lib, ref = best_alternating(
+        lambda: wall(lambda: ppl_vae.ais(model, x, proposal=guide, num_steps=steps,
+                                         num_chains=chains, seed=0, progress=False)),
+        lambda: wall(reference), ais_repeats(sizes, points, chains, steps))
+    # 11 gradients per transition (its start and 10 leapfrog steps), each a decoder pass
+    # and its input-gradient pass, over the real and the pilot chains.
+    rows = points * (chains + plain.PILOT_CHAINS)
+    flops = 2 * points * macs(guide.net) + (steps - 1) * 11 * 2 * 2 * rows * macs(model.decoder)
+    return figures(lib, ref, flops, rate)
+
+
+# --------------------------------------------------------------------- local fits
+
+
+def item_fit_local(sizes: Sizes, rate: float, family: str) -> dict:
+    torch.manual_seed(0)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
+    x, steps, particles = binary_data(sizes.local_points, sizes.data_dim, seed=3), \
+        sizes.local_steps, 8
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def library():  # window=steps: no plateau can stop it early or decay the rate
+        return wall(lambda: ppl_vae.fit_local(model, x, family, steps=steps, window=steps,
+                                              num_particles=particles, progress=False, seed=0))
+
+    def reference():
+        return wall(lambda: plain.local_fit(*_local_problem(model, x, family), x, sizes.latent,
+                                            steps=steps, particles=particles, lr=3e-2))
+
+    lib, ref = best_alternating(library, reference, sizes.local_repeats)
+    flops = steps * 2 * 2 * particles * len(x) * macs(model.decoder)
+    return figures(lib, ref, flops, rate)
+
+
+def _local_problem(model, x, family: str):
+    """(elbo_fn(eps), its parameters) of a plain local fit starting at N(0, I)."""
+    n, d = len(x), model.latent_dim
+    if family == "diag":
+        loc, log_scale = torch.zeros(n, d, requires_grad=True), torch.zeros(n, d,
+                                                                            requires_grad=True)
+        return (lambda eps: plain.local_diag_elbo(model.decoder, x, loc, log_scale, eps),
+                [loc, log_scale])
+    params = local_flow_params(LocalFlow(n, d))
+    return (lambda eps: plain.local_flow_elbo(model.decoder, x, params, eps),
+            list(params.values()))
+
+
+def local_flow_params(guide: LocalFlow) -> dict:
+    """A LocalFlow's tensors by the names of ``plain_loops.local_flow_sample``, as leaves."""
+    params = {name: getattr(guide, name).detach().clone().requires_grad_()
+              for name in ("loc", "log_diag", "off_diag", "skew", "log_tail")}
+    for j, weights in enumerate(guide.couplings):
+        for name in ("w_in", "b_in", "w_out", "b_out"):
+            params[f"{name}.{j}"] = getattr(weights, name).detach().clone().requires_grad_()
+    return params
+
+
+# --------------------------------------------------------------------- the run
+
+
+def items(sizes: Sizes) -> list[tuple[str, object]]:
+    """(name, measure(sizes, rate)) of every item, cheapest first."""
+    out = [("fit/vae", item_fit_vae), ("fit/ppca", item_fit_ppca), ("fit/flow", item_fit_flow),
+           ("log_marginal/vae", item_log_marginal_vae),
+           ("log_marginal/ppca", item_log_marginal_ppca),
+           ("fit_local/diag", lambda s, r: item_fit_local(s, r, "diag")),
+           ("fit_local/flow", lambda s, r: item_fit_local(s, r, "flow"))]
+    grid = sorted(sizes.ais_grid, key=lambda g: g[0] * (g[1] + plain.PILOT_CHAINS) * g[2])
+    out += [(f"ais/{p}x{c}x{s}", lambda z, r, p=p, c=c, s=s: item_ais(z, r, p, c, s))
+            for p, c, s in grid]
+    return out
+
+
+def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | None,
+        threads_list=THREADS) -> dict:
+    """Measure every item at every thread count, writing ``path[mode]`` as it goes."""
+    everything = json.loads(path.read_text()) if path.exists() else {}
+    section = everything.get(mode) if resume else None
+    if section is None:
+        section = {"meta": _meta(mode, sizes), "items": {}}
+    everything[mode] = section
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        rate = sgemm_rate()
+        section["meta"]["sgemm_gflops"][str(threads)] = rate / 1e9
+        for name, measure in items(sizes):
+            if only and not any(name.startswith(prefix) for prefix in only):
+                continue
+            if str(threads) in section["items"].get(name, {}):
+                continue
+            start = time.perf_counter()
+            # Measured again before each item: on a shared machine the rate follows the load.
+            rate = sgemm_rate()
+            result = measure(sizes, rate)
+            result["sgemm_gflops"] = rate / 1e9
+            result["seconds"] = time.perf_counter() - start
+            section["items"].setdefault(name, {})[str(threads)] = result
+            _write(path, everything)
+            print(f"{name} @{threads}t: ratio {result['ratio']:.2f}x, library "
+                  f"{result['library_s']:.4g} s, plain {result['plain_s']:.4g} s, "
+                  f"/GEMM {result['library_over_gemm']:.2f}x ({result['seconds']:.0f} s)",
+                  flush=True)
+    return section
+
+
+def _meta(mode: str, sizes: Sizes) -> dict:
+    return {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "pyro": pyro.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "threads": list(THREADS), "sgemm_gflops": {},
+            "sizes": dict(sizes.__dict__)}
+
+
+def _write(path: Path, everything: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(everything, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def table(section: dict) -> str:
+    """The Markdown table of one mode's results: ratios and times at each thread count."""
+    meta = section["meta"]
+    gflops = ", ".join(f"{t} thread{'s' if t != '1' else ''} {g:.0f} GFLOP/s"
+                       for t, g in meta["sgemm_gflops"].items())
+    lines = [f"{meta['mode']} run of {meta['date'][:10]}, torch {meta['torch']}, "
+             f"{meta['cpu_count']} CPUs; SGEMM {gflops}", "",
+             row("item", "threads", "library s", "plain s", "library / plain",
+                 "GEMM bound s", "library / bound"),
+             row("---", "---:", "---:", "---:", "---:", "---:", "---:")]
+    for name, by_threads in section["items"].items():
+        for threads, r in sorted(by_threads.items()):
+            extra = (f" ({r['times_faster_than_importance']:.0f}x faster than Importance)"
+                     if "times_faster_than_importance" in r else "")
+            lines.append(row(f"`{name}`", threads, f"{r['library_s']:.4g}",
+                             f"{r['plain_s']:.4g}", f"{r['ratio']:.2f}x{extra}",
+                             f"{r['gemm_s']:.3g}", f"{r['library_over_gemm']:.1f}x"))
+    return "\n".join(lines)
+
+
+def compare(fresh: dict, committed: dict) -> list[str]:
+    """Lines naming every (item, threads) whose ratio grew by more than 10%."""
+    out = []
+    for name, by_threads in fresh["items"].items():
+        for threads, r in by_threads.items():
+            old = committed.get("items", {}).get(name, {}).get(threads)
+            if old is not None and r["ratio"] > REGRESSION * old["ratio"]:
+                out.append(f"{name} @{threads}t: ratio {old['ratio']:.2f}x -> "
+                           f"{r['ratio']:.2f}x (+{100 * (r['ratio'] / old['ratio'] - 1):.0f}%)")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the < 2 minute subset")
+    parser.add_argument("--compare", action="store_true",
+                        help=f"run into {COMPARE_OUT} and compare with the committed JSON")
+    parser.add_argument("--resume", action="store_true", help="skip items already measured")
+    parser.add_argument("--table", action="store_true", help="print the table and stop")
+    parser.add_argument("--only", nargs="*", help="item name prefixes, e.g. fit/ ais/16x")
+    parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    if args.table:
+        print(table(json.loads(args.json.read_text())[mode]))
+        return
+    sizes = QUICK if args.quick else FULL
+    out = COMPARE_OUT if args.compare else args.json
+    if args.compare and out.exists() and not args.resume:
+        out.unlink()
+    start = time.perf_counter()
+    section = run(mode, sizes, out, resume=args.resume, only=args.only,
+                  threads_list=args.threads)
+    print(f"\n{mode} run: {time.perf_counter() - start:.0f} s\n\n{table(section)}")
+    if args.compare:
+        committed = json.loads(args.json.read_text()).get(mode, {})
+        grown = compare(section, committed)
+        print("\nratios grown by more than 10% against the committed JSON:"
+              if grown else "\nno ratio grew by more than 10% against the committed JSON")
+        print("\n".join(grown))
+
+
+if __name__ == "__main__":
+    main()
