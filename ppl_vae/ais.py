@@ -71,6 +71,9 @@ ADAPT_GAIN = 0.2
 STEP_SIZE_RANGE = (1e-4, 1.0)
 # Chains per datapoint that only steer the step size.
 PILOT_CHAINS = 4
+# The transitions' defaults, one source for ais(), bdmc() and ais_trusted().
+NUM_STEPS, NUM_CHAINS, LEAPFROG_STEPS = 1000, 16, 10
+STEP_SIZE, TARGET_ACCEPT, SCHEDULE = 0.05, 0.65, "sigmoid"
 # Chains x rows x data-dims per chunk: bounds the memory of the decoder's temporaries.
 CHUNK_ELEMENTS = 2**22
 
@@ -183,14 +186,14 @@ def ais(
     x,
     *,
     proposal=None,
-    num_steps: int = 1000,
-    num_chains: int = 16,
-    leapfrog_steps: int = 10,
-    step_size: float = 0.05,
-    target_accept: float = 0.65,
+    num_steps: int = NUM_STEPS,
+    num_chains: int = NUM_CHAINS,
+    leapfrog_steps: int = LEAPFROG_STEPS,
+    step_size: float = STEP_SIZE,
+    target_accept: float = TARGET_ACCEPT,
     adapt: bool = True,
     pilot_chains: int = PILOT_CHAINS,
-    schedule: str | Sequence[float] = "sigmoid",
+    schedule: str | Sequence[float] = SCHEDULE,
     idx: Tensor | None = None,
     num_data: int | None = None,
     seed: int | None = None,
@@ -280,15 +283,15 @@ def bdmc(
     x,
     latents: dict[str, Tensor],
     *,
-    num_steps: int = 1000,
-    num_chains: int = 16,
+    num_steps: int = NUM_STEPS,
+    num_chains: int = NUM_CHAINS,
     proposal=None,
-    leapfrog_steps: int = 10,
-    step_size: float = 0.05,
-    target_accept: float = 0.65,
+    leapfrog_steps: int = LEAPFROG_STEPS,
+    step_size: float = STEP_SIZE,
+    target_accept: float = TARGET_ACCEPT,
     adapt: bool = True,
     pilot_chains: int = PILOT_CHAINS,
-    schedule: str | Sequence[float] = "sigmoid",
+    schedule: str | Sequence[float] = SCHEDULE,
     seed: int | None = None,
     progress: bool = True,
     jit: bool = True,
@@ -344,11 +347,12 @@ def ais_trusted(model, proposal, space: LatentSpace, x: Tensor, *, num_steps: in
     """The core of :func:`ais` with its default transitions, for callers inside the
     library that have checked the model, its latent space, the proposal and ``x``
     (all rows of the dataset)."""
-    settings = _Settings(num_chains=num_chains, pilot_chains=PILOT_CHAINS, leapfrog_steps=10,
-                         step_size=0.05, target_accept=0.65, adapt=True, seed=seed,
+    settings = _Settings(num_chains=num_chains, pilot_chains=PILOT_CHAINS,
+                         leapfrog_steps=LEAPFROG_STEPS, step_size=STEP_SIZE,
+                         target_accept=TARGET_ACCEPT, adapt=True, seed=seed,
                          progress=progress)
     idx = torch.arange(len(x), device=x.device)
-    betas = schedule_betas("sigmoid", num_steps)
+    betas = schedule_betas(SCHEDULE, num_steps)
     return _run(model, proposal, space, x, idx, len(x), betas, settings, reverse_from=None)
 
 
