@@ -275,22 +275,18 @@ class _DivergenceWatch:
     from tens of nats to 1e14: no NaN is raised, and the result is meaningless.
     """
 
-    FIRST_STEPS = 1
     FACTOR = 100.0
 
     def __init__(self):
-        self.first: list[float] = []
-        self.warned = False
+        self.floor: float | None = None  # below it the ELBO has fallen by that factor
 
     def see(self, step: int, elbo: float) -> None:
-        if len(self.first) < self.FIRST_STEPS:
-            self.first.append(elbo)
-            return
-        start = float(np.median(self.first))
-        if not self.warned and elbo < start - self.FACTOR * max(1.0, abs(start)):
-            self.warned = True
+        if self.floor is None:
+            self.start, self.floor = elbo, elbo - self.FACTOR * max(1.0, abs(elbo))
+        elif elbo < self.floor:
+            self.floor = -math.inf  # once
             warnings.warn(
-                f"the training ELBO fell from about {start:.4g} (its first steps) to "
+                f"the training ELBO fell from {self.start:.4g} (its first step) to "
                 f"{elbo:.4g} at step {step}, orders of magnitude lower: the run is "
                 "diverging (try a smaller lr, or clip_norm)",
                 stacklevel=5,
