@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,12 +48,13 @@ from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.densities import log_density, log_joint, nan_sites
+from ppl_vae.ais_results import AISResult, BDMCResult
+from ppl_vae.densities import nan_sites
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.hmc import Noise, Target, hmc_transition, parts_nograd
 from ppl_vae.programs import as_programs
-from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
-from ppl_vae.seeding import generator as block_generator
+from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed
 from ppl_vae.settings import frozen, module_local
 from ppl_vae.structure import check_conditionable, check_guide, check_rows, check_structure
 from ppl_vae.validation import as_data, positive_int
@@ -76,95 +76,6 @@ NUM_STEPS, NUM_CHAINS, LEAPFROG_STEPS = 1000, 16, 10
 STEP_SIZE, TARGET_ACCEPT, SCHEDULE = 0.05, 0.65, "sigmoid"
 # Chains x rows x data-dims per chunk: bounds the memory of the decoder's temporaries.
 CHUNK_ELEMENTS = 2**22
-
-
-@dataclass(frozen=True)
-class AISResult:
-    """log p(x) per datapoint from annealed importance sampling.
-
-    Attributes
-    ----------
-    log_marginal : Tensor of shape (N,)
-        log of the mean AIS weight over chains: a stochastic lower bound on log p(x).
-    log_marginal_se : Tensor of shape (N,)
-        Its standard error over chains (delta method); NaN with one chain.
-    log_weights : Tensor of shape (num_chains, N)
-    ess : Tensor of shape (N,)
-        Effective sample size of the chains' normalized weights, in [1, num_chains].
-    acceptance : Tensor of shape (N,)
-        Mean HMC acceptance probability over steps and chains.
-    step_size : Tensor of shape (N,)
-        Final step size per datapoint (constant when not adapted).
-    num_steps, num_chains : int
-    seconds : float
-        Wall-clock time of the call.
-    """
-
-    log_marginal: Tensor
-    log_marginal_se: Tensor
-    log_weights: Tensor
-    ess: Tensor
-    acceptance: Tensor
-    step_size: Tensor
-    num_steps: int
-    num_chains: int
-    seconds: float
-
-    def summary(self) -> dict:
-        """Means over datapoints, with standard errors (spread plus Monte Carlo noise)."""
-        n = len(self.log_marginal)
-        spread = float(self.log_marginal.var()) / n if n > 1 else 0.0
-        noise = float(self.log_marginal_se.nan_to_num().square().sum()) / n**2
-        return {
-            "num_data": n,
-            "num_steps": self.num_steps,
-            "num_chains": self.num_chains,
-            "log_marginal": float(self.log_marginal.mean()),
-            "log_marginal_se": math.sqrt(spread + noise),
-            "ess": float(self.ess.mean()),
-            "acceptance": float(self.acceptance.mean()),
-            "seconds": self.seconds,
-        }
-
-
-@dataclass(frozen=True)
-class BDMCResult:
-    """Bidirectional Monte Carlo bounds on log p(x) for data simulated from the model.
-
-    Attributes
-    ----------
-    lower : Tensor of shape (N,)
-        Forward AIS: a stochastic lower bound.
-    upper : Tensor of shape (N,)
-        Reverse AIS from the exact latents: a stochastic upper bound.
-    forward, reverse : AISResult
-        The two runs (``reverse.log_marginal`` is ``upper``).
-    """
-
-    lower: Tensor
-    upper: Tensor
-    forward: AISResult
-    reverse: AISResult
-
-    @property
-    def gap(self) -> float:
-        """Mean of ``upper - lower``: it bounds the error of AIS with these settings."""
-        return float((self.upper - self.lower).mean())
-
-    def summary(self) -> dict:
-        """Mean bounds and the sandwich width, with the settings."""
-        gap = self.upper - self.lower
-        n = len(gap)
-        return {
-            "num_data": n,
-            "num_steps": self.forward.num_steps,
-            "num_chains": self.forward.num_chains,
-            "lower": float(self.lower.mean()),
-            "upper": float(self.upper.mean()),
-            "gap": float(gap.mean()),
-            "gap_se": float(gap.std() / math.sqrt(n)) if n > 1 else float("nan"),
-            "seconds": self.forward.seconds + self.reverse.seconds,
-        }
 
 
 @dataclass(frozen=True)
@@ -453,7 +364,7 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
     with caller_rng_kept(), pyro.validation_enabled(False), frozen(model, guide):
         for chunk in chunks:
             rows = torch.cat([b.rows for b in chunk]).to(x.device)
-            target = _Target(model, guide, space, x[rows], idx[rows], num_data,
+            target = Target(model, guide, space, x[rows], idx[rows], num_data,
                              jit=settings.jit)
             exact = None if reverse_from is None else reverse_from[rows]
             out = _anneal(target, chunk, betas, settings, exact, bar)
@@ -495,115 +406,11 @@ def _result(log_w, acceptance, step_size, num_steps, seconds, upper: bool) -> AI
     )
 
 
-class _Target:
-    """log q(u), log p(x, u) and the gradient of the path's log f_beta for one chunk."""
-
-    def __init__(self, model, guide, space: LatentSpace, x, idx, num_data, jit=False):
-        self.model, self.guide, self.space = model, guide, space
-        self.x, self.idx, self.num_data = x, idx, num_data
-        self.q = None if guide is None else _fixed_distribution(guide, space, x, idx)
-        # The traced potential, by the shape of u; False once tracing has failed. Only
-        # in float32, where it pays: in float64 the traced arithmetic differed from the
-        # plain one by 3e-8 nats on a PPCA, beyond float64 rounding.
-        self._traced: dict | bool = {} if jit and x.dtype == torch.float32 else False
-
-    def initial(self, chains: int) -> Tensor:
-        """u of shape (chains, B, d) drawn from the initial distribution."""
-        with torch.no_grad(), pyro.plate("particles", chains, dim=-2):
-            if self.q is not None:
-                return self.q.sample((chains,))
-            if self.guide is None:
-                trace = poutine.trace(self.model).get_trace(self.x, self.idx, self.num_data)
-            else:
-                trace = poutine.trace(self.guide).get_trace(self.x, self.idx, self.num_data)
-        values = {name: trace.nodes[name]["value"] for name in self.space.names}
-        return self.space.flatten(values)
-
-    def parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """(log q(u), log p(x, u)), each of shape (C, B), in the unconstrained space."""
-        if self._traced is not False:
-            traced = self._traced.get(u.shape)
-            if traced is None:
-                traced = self._traced[u.shape] = self._trace(u)
-            if traced is not False:
-                return traced(u)
-            self._traced = False
-        return self._plain_parts(u)
-
-    def _trace(self, u: Tensor):
-        """The potential traced at u's shape, checked against the plain one; or False."""
-        probe = u.detach()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                traced = torch.jit.trace(self._plain_parts, (probe,), check_trace=False)
-                got, expected = traced(probe), self._plain_parts(probe)
-            except Exception as error:  # noqa: BLE001 - any failure means: run it plainly
-                warnings.warn(f"the AIS potential could not be traced ({error}); running "
-                              "it plainly", stacklevel=6)
-                return False
-        if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-4, equal_nan=True)
-                   for a, b in zip(got, expected, strict=True)):
-            warnings.warn("the traced AIS potential differs from the plain one (random ops "
-                          "or a structure that changes between calls?); running it plainly "
-                          "(pass jit=False to skip tracing)", stacklevel=6)
-            return False
-        return traced
-
-    def _plain_parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        log_prior, log_lik = log_joint(self.model, self.space, self.x, self.idx,
-                                       self.num_data, u)
-        log_p = log_prior + log_lik
-        if self.guide is None:
-            return log_prior, log_p
-        return self._log_q(u), log_p
-
-    def _log_q(self, u: Tensor) -> Tensor:
-        if self.q is not None:
-            return self.q.log_prob(u)
-        values, log_det = self.space.unflatten(u)
-        with pyro.plate("particles", u.shape[0], dim=-2):
-            conditioned = poutine.condition(self.guide, data=values)
-            trace = poutine.trace(conditioned).get_trace(self.x, self.idx, self.num_data)
-        return log_density(trace, tuple(u.shape[:2])) + log_det
-
-    def with_grad(self, u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(log q, log p, d/du log f_beta) at u; NaN gradients where a density is not finite."""
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            log_q, log_p = self.parts(u)
-            log_f = (1.0 - beta) * log_q + beta * log_p
-            (grad,) = torch.autograd.grad(log_f.sum(), u)
-        return log_q.detach(), log_p.detach(), grad
-
-
-def _fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):
-    """q(u) of a guide whose density over the unconstrained latents does not change
-    during AIS, computed once per chunk (the guide's networks then run once, not at
-    every gradient), or None when it must be read from the guide's trace each time.
-
-    A local guide of this library gives it as ``joint_distribution``; an encoder with
-    ``distribution(x)`` gives it when the model has a single real latent site.
-    """
-    with torch.no_grad():
-        joint = getattr(guide, "joint_distribution", None)
-        if callable(joint):
-            return joint(x, idx)
-        site = space.sites[0]
-        single_real = len(space.sites) == 1 and site.is_real and len(site.event_shape) == 1
-        if not (single_real and callable(getattr(guide, "distribution", None))):
-            return None
-        q = guide.distribution(x)
-    if tuple(q.batch_shape) != (len(x),) or tuple(q.event_shape) != (space.dim,):
-        return None
-    return q
-
-
-def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Settings,
+def _anneal(target: Target, chunk: list[Block], betas: Tensor, settings: _Settings,
             exact: Tensor | None, bar) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of rows: (log weights [num_chains, B], acceptance [B], step size [B])."""
     chains = settings.num_chains + settings.pilot_chains
-    noise = _Noise(chunk, settings.seed, chains, target.x)
+    noise = Noise(chunk, settings.seed, chains, target.x)
     u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape).clone()
     rows = u.shape[1]
     eps = u.new_full((rows,), settings.step_size)
@@ -617,10 +424,10 @@ def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Setti
         beta_here, beta_before = betas[t], betas[t - 1]
         next_beta = (betas[t] if t < steps else None) if exact is None else (
             betas[t - 1] if t > 1 else None)
-        log_q, log_p = _parts_nograd(target, u)
+        log_q, log_p = parts_nograd(target, u)
         log_w += (beta_here - beta_before) * (log_p - log_q)
         if next_beta is not None:
-            u, accept = _hmc(target, u, next_beta, eps, settings.leapfrog_steps, noise)
+            u, accept = hmc_transition(target, u, next_beta, eps, settings.leapfrog_steps, noise)
             real = accept[: settings.num_chains].mean(0)
             accept_sum += real
             if settings.adapt:
@@ -635,10 +442,10 @@ def _anneal(target: _Target, chunk: list[Block], betas: Tensor, settings: _Setti
     return log_w[: settings.num_chains], acceptance, eps
 
 
-def _refuse_nan(target: _Target, chunk, settings: _Settings, exact, log_w: Tensor) -> None:
+def _refuse_nan(target: Target, chunk, settings: _Settings, exact, log_w: Tensor) -> None:
     """A NaN AIS weight: name the sites whose density is NaN at the chains' start."""
     chains = settings.num_chains + settings.pilot_chains
-    noise = _Noise(chunk, settings.seed, chains, target.x)
+    noise = Noise(chunk, settings.seed, chains, target.x)
     u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape)
     values, _ = target.space.unflatten(u)
     with torch.no_grad(), pyro.plate("particles", chains, dim=-2):
@@ -653,63 +460,5 @@ def _refuse_nan(target: _Target, chunk, settings: _Settings, exact, log_w: Tenso
     )
 
 
-def _parts_nograd(target: _Target, u: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        return target.parts(u)
-
-
 def _adapted(eps: Tensor, acceptance: Tensor, target_accept: float) -> Tensor:
     return (eps * torch.exp(ADAPT_GAIN * (acceptance - target_accept))).clamp(*STEP_SIZE_RANGE)
-
-
-def _hmc(target: _Target, u: Tensor, beta: float, eps: Tensor, leapfrog_steps: int,
-         noise: _Noise) -> tuple[Tensor, Tensor]:
-    """One HMC transition at ``beta`` for every chain and row: (new u, acceptance prob)."""
-    step = eps[:, None]  # [B, 1] broadcasts over chains and dims
-    momentum = noise.normal(u.shape)
-    log_q, log_p, grad = target.with_grad(u, beta)
-    log_f0 = (1 - beta) * log_q + beta * log_p
-    h0 = -log_f0 + 0.5 * momentum.square().sum(-1)
-    position, p = u, momentum + 0.5 * step * grad
-    for i in range(leapfrog_steps):
-        position = position + step * p
-        log_q, log_p, grad = target.with_grad(position, beta)
-        p = p + (step if i < leapfrog_steps - 1 else 0.5 * step) * grad
-    log_f1 = (1 - beta) * log_q + beta * log_p
-    h1 = -log_f1 + 0.5 * p.square().sum(-1)
-    accept_prob = torch.exp(torch.clamp(h0 - h1, max=0.0)).nan_to_num(0.0)
-    accepted = noise.uniform(accept_prob.shape) < accept_prob
-    return torch.where(accepted[..., None], position, u), accept_prob
-
-
-class _Noise:
-    """Momenta and uniforms drawn block by block from generators seeded by (seed, block),
-    so a row's chains do not depend on which other rows share its chunk."""
-
-    def __init__(self, chunk: list[Block], seed: int, chains: int, like: Tensor):
-        self.chunk, self.seed, self.chains = chunk, seed, chains
-        self.generators = [block_generator(seed, b.number, 1, device=like.device)
-                           for b in chunk]
-        self.options = {"device": like.device, "dtype": like.dtype}
-
-    def initial(self, target: _Target) -> Tensor:
-        """Initial draws, block by block under the global generator seeded per block."""
-        width = len(self.chunk[0].rows)
-        pieces = []
-        for i, block in enumerate(self.chunk):
-            seed_torch(self.seed, block.number, 0)
-            sub = _Target(target.model, target.guide, target.space,
-                          target.x[i * width : (i + 1) * width],
-                          target.idx[i * width : (i + 1) * width], target.num_data)
-            pieces.append(sub.initial(self.chains))
-        return torch.cat(pieces, 1)
-
-    def normal(self, shape) -> Tensor:
-        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
-        return torch.cat([torch.randn(per_block, generator=g, **self.options)
-                          for g in self.generators], 1)
-
-    def uniform(self, shape) -> Tensor:
-        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
-        return torch.cat([torch.rand(per_block, generator=g, **self.options)
-                          for g in self.generators], 1)

@@ -10,6 +10,7 @@ import torch
 from pyro.nn import PyroModule
 
 import ppl_vae
+from ppl_vae import hmc
 from ppl_vae.guides import ExactPosterior, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.models.blocks import data_plate
@@ -77,14 +78,14 @@ def test_one_hmc_kernel_leaves_a_gaussian_posterior_invariant(ppca):
     chains = 4000
     space = ppl_vae.estimators.check_structure(model, x1)
     block = next(iter(ppl_vae.seeding.blocks(torch.zeros(1, dtype=torch.long))))
-    noise = ais_module._Noise([block], 0, chains, x1)
+    noise = hmc.Noise([block], 0, chains, x1)
     torch.manual_seed(0)
     u = post.sample((chains,)).detach().expand(chains, 16, 2).clone()
-    target = ais_module._Target(model, None, space, x1.expand(16, -1),
+    target = hmc.Target(model, None, space, x1.expand(16, -1),
                                 torch.zeros(16, dtype=torch.long), 1)
     eps = torch.full((16,), 0.05, dtype=torch.float64)
     for _ in range(20):
-        u, _ = ais_module._hmc(target, u, 1.0, eps, 5, noise)
+        u, _ = hmc.hmc_transition(target, u, 1.0, eps, 5, noise)
     sample = u[:, 0]
     mean, cov = post.mean.detach()[0], post.covariance_matrix.detach()[0]
     se = (cov.diagonal() / chains).sqrt()
