@@ -50,11 +50,16 @@ class TracedLoss(nn.Module):
         key = (x.shape, x.dtype, idx.shape, num_data)
         traced = self._traces.get(key, False)
         if traced is False:
-            self._traces[key] = self._trace(x, idx, num_data)
-            self._unchecked[key] = CHECKED_CALLS
-            # The first call runs plainly: it moves every generator (Python's and
-            # numpy's too, which a trace cannot) exactly as jit=False would.
-            return self.loss_module(x, idx=idx, num_data=num_data)
+            traced, after = self._trace(x, idx, num_data)
+            self._traces[key], self._unchecked[key] = traced, CHECKED_CALLS
+            if traced is None:
+                return self.loss_module(x, idx=idx, num_data=num_data)
+            # Traced from the first call (a resumed run replays the same ops as an
+            # uninterrupted one, bit for bit); the generators then move on as the plain
+            # loss moved them (Python's and numpy's too, which a trace does not touch).
+            out = traced(x, idx, *self._params)
+            pyro.util.set_rng_state(after)
+            return out
         if traced is None:
             return self.loss_module(x, idx=idx, num_data=num_data)
         if self._unchecked[key]:
@@ -104,13 +109,14 @@ class TracedLoss(nn.Module):
                 traced = torch.jit.trace(loss, (x, idx, *params), check_trace=False)
                 pyro.util.set_rng_state(state)
                 expected = module(x, idx=idx, num_data=num_data).detach()
+                after = pyro.util.get_rng_state()
                 pyro.util.set_rng_state(state)
                 got = traced(x, idx, *params).detach()
             except Exception as error:  # noqa: BLE001 - any failure means: run it plainly
                 pyro.util.set_rng_state(state)
                 warnings.warn(f"the loss could not be traced ({error}); running it plainly",
                               stacklevel=4)
-                return None
+                return None, None
         pyro.util.set_rng_state(state)
         if not _close(got, expected):
             warnings.warn(
@@ -119,8 +125,8 @@ class TracedLoss(nn.Module):
                 "plainly (pass jit=False to skip tracing)",
                 stacklevel=4,
             )
-            return None
-        return traced
+            return None, None
+        return traced, after
 
 
 def _close(got: Tensor, expected: Tensor) -> bool:
