@@ -398,12 +398,10 @@ def gaps(
         ``"auto"``: exact when the model has ``marginal()``, else importance sampling,
         with a warning recommending ``"ais"`` when the mean PSIS k-hat exceeds 0.7.
     ais_steps, ais_chains : int
-        ``num_steps`` and ``num_chains`` of AIS for ``log_px="ais"``. The defaults (100
-        x 16, started from the fitted local guides) are chosen for speed: on the digits
-        VAE of ``ppl-vae gaps`` they give, for 100 test points in 38 s on one busy
-        thread, a log p(x) 0.020 +- 0.014 nats above importance sampling with K=1000,
-        and 1000 steps move it by less than 0.001. Check a budget on your own model
-        with :func:`ppl_vae.bdmc` on simulated data.
+        ``num_steps`` and ``num_chains`` of AIS for ``log_px="ais"``, started from the
+        fitted local guides; the defaults (100 x 16) are chosen for speed (the README's
+        AIS section has their accuracy on the digits VAE). Check a budget on your own
+        model with :func:`ppl_vae.bdmc` on simulated data.
     seed : int, optional
         Seeds the local fit and the estimates.
     progress : bool
