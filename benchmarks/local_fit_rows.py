@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         result[name] = {"steps": steps, "seconds": seconds, "elbo_minus_reference": mean,
                         "se": se, "per_point": diff.tolist()}
         print(f"  {name:16} {steps:6d} {seconds:8.1f} {mean:17.4f} {se:7.4f}")
-    change = max(float((a - b[:rows]).abs().max())
+    change = max(float((a - b[:rows]).detach().abs().max())
                  for a, b in zip(alone.parameters(), among.parameters(), strict=True))
     result["largest_row_change_alone_vs_among"] = change
     print(f"  largest parameter change of a row, alone vs among {args.among}: {change:.2e}")

@@ -46,7 +46,15 @@ from ppl_vae.guides.local import (
     family_of,
 )
 from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
-from ppl_vae.local_fit import EVAL_STREAM, INIT_STREAM, Noised, RowPlateau, row_noise
+from ppl_vae.local_fit import (
+    EVAL_STREAM,
+    INIT_STREAM,
+    LR_DECAY,
+    LR_DECAYS,
+    Noised,
+    RowPlateau,
+    row_noise,
+)
 from ppl_vae.programs import as_programs
 from ppl_vae.seeding import ROW_BLOCK, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
@@ -64,16 +72,8 @@ QUANTITIES = (
     "inference_gap",
 )
 
-# The learning rate is divided by LR_DECAY at each plateau, LR_DECAYS times, before a
-# plateau stops the fit: at a constant rate Adam hovers around each datapoint's optimum
-# at a distance set by the rate and the gradient noise, and smaller rates let it settle
-# (on a 2-d PPCA posterior the mean excess KL falls from ~0.04 nats at a constant 3e-2
-# to ~0.001).
 # Above this mean PSIS k-hat an importance-sampled log p(x) is not to be trusted.
 KHAT_RELIABLE = 0.7
-
-LR_DECAY = 3.0
-LR_DECAYS = 4
 
 
 @module_local
@@ -111,10 +111,16 @@ def fit_local(
     gathered at the end (:mod:`ppl_vae.local_elbo`): the same guide as one process, up
     to float rounding.
 
-    Convergence: every ``window`` steps the mean ELBO of the last window is compared
-    with that of the window before; when it rose by less than ``tol`` nats per
-    datapoint (a plateau), the learning rate is divided by ``LR_DECAY`` (3), and at
-    the fifth plateau (or after ``steps`` steps) fitting stops.
+    Convergence is each row's own (:mod:`ppl_vae.local_fit`), so a row's q*_n is the
+    same whatever rows are fitted with it (with a seed, up to float rounding): row n's
+    random draws depend only on (seed, n, step); every row has its own Adam learning
+    rate; ``MEASURES`` (5) times per ``window`` steps each row's ELBO is measured on
+    fixed draws, and when its window average has not beaten its best by ``tol`` nats
+    for ``PATIENCE`` (5) windows running (a plateau), that row's rate is divided by
+    ``LR_DECAY`` (3); at its plateau after ``LR_DECAYS`` (4) decays the row stops, its
+    parameters frozen. The fit ends when every row has stopped, or after ``steps``.
+    With ``batch_size`` below N the minibatches, drawn from all rows, make rows
+    depend on each other again.
 
     Parameters
     ----------
@@ -145,7 +151,7 @@ def fit_local(
         Rows per step; all rows when None (recommended: Adam's momentum keeps moving
         the rows that a minibatch leaves out).
     tol, window : float, int
-        The plateau rule above.
+        The per-row plateau rule above.
     progress : bool
         Show a progress bar.
     seed : int, optional

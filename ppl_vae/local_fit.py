@@ -41,8 +41,12 @@ from ppl_vae.seeding import ROW_BLOCK, generator
 # at a constant 3e-2 to ~0.001).
 LR_DECAY = 3.0
 LR_DECAYS = 4
-# Measurements of every row's ELBO per window of the plateau rule.
+# Measurements of every row's ELBO per window of the plateau rule, and the windows in a
+# row without a new best (by tol) that make a plateau: one row's window averages are
+# far noisier than the mean over many rows that the rule of a single rate could read,
+# and a single noisy window must not decay a row that is still improving.
 MEASURES = 5
+PATIENCE = 5
 # Counters that keep the draws of training steps, measurements and initialisation apart.
 EVAL_STREAM = 2**40
 INIT_STREAM = 2**41
@@ -187,9 +191,10 @@ class RowPlateau:
 
     Each row's ELBO is measured ``MEASURES`` times per ``window`` steps, always on the
     same fixed draws, and averaged over the window (the average also smooths the
-    jitter of Adam's iterates around the optimum). A row whose window average rose by
-    less than ``tol`` over the previous window's is at a plateau: its rate is divided by
-    ``LR_DECAY``, and at its plateau after ``LR_DECAYS`` decays it stops. Rows outside
+    jitter of Adam's iterates around the optimum). A row whose window average has not
+    beaten its best by ``tol`` for ``PATIENCE`` windows in a row is at a plateau: its
+    rate is divided by ``LR_DECAY``, and at its plateau after ``LR_DECAYS`` decays it
+    stops. Rows outside
     ``owned`` (another rank's) are stopped from the start.
 
     Parameters
@@ -209,7 +214,8 @@ class RowPlateau:
         self.decays = torch.zeros(num_rows, dtype=torch.long)
         self.sums = torch.zeros(num_rows, dtype=torch.float64)
         self.count = 0
-        self.last: Tensor | None = None
+        self.best: Tensor | None = None
+        self.waited = torch.zeros(num_rows, dtype=torch.long)
         self._optimizer: RowAdam | None = None
 
     def optimizer(self, params) -> RowAdam:
@@ -231,12 +237,17 @@ class RowPlateau:
         return (left if self.owned is None else summed_over_group(left)) == 0
 
     def _check(self, now: Tensor) -> None:
-        if self.last is not None:
-            opt = self._optimizer
-            plateau = opt.active & ~(now - self.last >= self.tol)
-            stop = plateau & (self.decays >= LR_DECAYS)
-            decay = plateau & ~stop
-            opt.active &= ~stop
-            opt.row_lr[decay] /= LR_DECAY
-            self.decays += decay
-        self.last = now
+        if self.best is None:
+            self.best = now.clone()
+            return
+        opt = self._optimizer
+        better = now >= self.best + self.tol
+        self.best = torch.where(better, now, self.best)
+        self.waited = torch.where(better, 0, self.waited + 1)
+        plateau = opt.active & (self.waited >= PATIENCE)
+        stop = plateau & (self.decays >= LR_DECAYS)
+        decay = plateau & ~stop
+        opt.active &= ~stop
+        opt.row_lr[decay] /= LR_DECAY
+        self.decays += decay
+        self.waited[plateau] = 0
