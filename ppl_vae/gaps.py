@@ -46,8 +46,17 @@ from ppl_vae.guides.local import (
     family_of,
 )
 from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
+from ppl_vae.local_fit import (
+    EVAL_STREAM,
+    INIT_STREAM,
+    LR_DECAY,
+    LR_DECAYS,
+    Noised,
+    RowPlateau,
+    row_noise,
+)
 from ppl_vae.programs import as_programs
-from ppl_vae.seeding import caller_rng_kept, check_seed, seed_torch
+from ppl_vae.seeding import ROW_BLOCK, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_guide, check_structure, described
 from ppl_vae.train import FitResult, fit, fit_trusted
@@ -63,16 +72,8 @@ QUANTITIES = (
     "inference_gap",
 )
 
-# The learning rate is divided by LR_DECAY at each plateau, LR_DECAYS times, before a
-# plateau stops the fit: at a constant rate Adam hovers around each datapoint's optimum
-# at a distance set by the rate and the gradient noise, and smaller rates let it settle
-# (on a 2-d PPCA posterior the mean excess KL falls from ~0.04 nats at a constant 3e-2
-# to ~0.001).
 # Above this mean PSIS k-hat an importance-sampled log p(x) is not to be trusted.
 KHAT_RELIABLE = 0.7
-
-LR_DECAY = 3.0
-LR_DECAYS = 4
 
 
 @module_local
@@ -110,10 +111,16 @@ def fit_local(
     gathered at the end (:mod:`ppl_vae.local_elbo`): the same guide as one process, up
     to float rounding.
 
-    Convergence: every ``window`` steps the mean ELBO of the last window is compared
-    with that of the window before; when it rose by less than ``tol`` nats per
-    datapoint (a plateau), the learning rate is divided by ``LR_DECAY`` (3), and at
-    the fifth plateau (or after ``steps`` steps) fitting stops.
+    Convergence is each row's own (:mod:`ppl_vae.local_fit`), so a row's q*_n is the
+    same whatever rows are fitted with it (with a seed, up to float rounding): row n's
+    random draws depend only on (seed, n, step); every row has its own Adam learning
+    rate; ``MEASURES`` (5) times per ``window`` steps each row's ELBO is measured on
+    fixed draws, and when its window average has not beaten its best by ``tol`` nats
+    for ``PATIENCE`` (5) windows running (a plateau), that row's rate is divided by
+    ``LR_DECAY`` (3); at its plateau after ``LR_DECAYS`` (4) decays the row stops, its
+    parameters frozen. The fit ends when every row has stopped, or after ``steps``.
+    With ``batch_size`` below N the minibatches, drawn from all rows, make rows
+    depend on each other again.
 
     Parameters
     ----------
@@ -144,7 +151,7 @@ def fit_local(
         Rows per step; all rows when None (recommended: Adam's momentum keeps moving
         the rows that a minibatch leaves out).
     tol, window : float, int
-        The plateau rule above.
+        The per-row plateau rule above.
     progress : bool
         Show a progress bar.
     seed : int, optional
@@ -620,25 +627,41 @@ def _decay_only(schedule):
 def _fit_local(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
                tol=1e-3, window=50, progress=True, seed=None) -> tuple:
     """The fit behind fit_local and gaps, on data they have already checked (its own
-    settings are checked here, once)."""
+    settings are checked here, once). Every row converges on its own (see
+    :mod:`ppl_vae.local_fit`)."""
     one_of(family, FAMILIES, "family")
     steps = positive_int(steps, "steps")
-    seed = check_seed(seed)
+    num_particles = positive_int(num_particles, "num_particles")
+    window = positive_int(window, "window")
+    seed = base_seed(check_seed(seed))
     batch_size = len(x) if batch_size is None else min(positive_int(batch_size, "batch_size"),
                                                        len(x))
-    schedule = _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     guide = _initial_local(model, x, family, init_from, seed=seed)
     # Under torch.distributed each rank fits its own rows (see ppl_vae.local_elbo), with
-    # fit's own sharding (DDP, minibatch shares) switched off by local_only; the plateau
-    # rule reads the ELBO summed over ranks, so every rank decays and stops alike.
+    # fit's own sharding (DDP, minibatch shares) switched off by local_only; a rank
+    # stops when the rows of every rank have stopped.
     owned = owned_rows(len(x), x.device)
-    loss = LocalELBO(positive_int(num_particles, "num_particles"), guide.space.names, owned)
-    callback = schedule if owned is None else _Summed(schedule)
+    loss = LocalELBO(num_particles, guide.space.names, owned)
+    shape = (num_particles, guide.latent_dim)
+
+    def noise(step: int) -> Tensor:
+        return row_noise(seed, len(x), shape, step, dtype=x.dtype, device=x.device)
+
+    noised = Noised(guide, noise(0))
+    measured = Noised(guide, noise(EVAL_STREAM))
+    everything = torch.arange(len(x), device=x.device)
+
+    def measure() -> Tensor:
+        with torch.no_grad():
+            return loss.row_elbo(model, measured, x, everything, len(x))
+
+    schedule = RowPlateau(lr, len(x), tol=tol, window=window, measure=measure,
+                          set_step=lambda step: noised.noise.copy_(noise(step)), owned=owned)
     with local_only():
         result: FitResult = fit_trusted(
-            model, guide, x, batch_size=batch_size, total=steps,
+            model, noised, x, batch_size=batch_size, total=steps,
             optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
-            train_model=False, callback=callback, jit=owned is None,
+            train_model=False, callback=schedule, jit=owned is None,
         )
     gather_rows(guide, owned)
     return guide, result
@@ -657,23 +680,51 @@ def _initial_local(model, x, family, init_from, *, seed=None):
 
     A Gaussian encoder of a single real site is copied (exactly where the family
     allows); any other guide, and the prior when ``init_from`` is None, gives its
-    moments over u (see :func:`fit_local`).
+    moments over u (see :func:`fit_local`). Row n's start depends only on (seed, x_n):
+    the moments of a guide are drawn per block of rows, and the family's random
+    parameters (a flow's coupling weights) are drawn block by block
+    (:func:`_row_seeded`).
     """
     space = LatentSpace.of(model, x)
     cls = LOCAL_GUIDES[family]
+    seed = base_seed(seed)
     q = None if init_from is None else _copyable_gaussian(init_from, x, space)
-    if q is not None:
-        return cls.from_distribution(q, space)
-    with caller_rng_kept(seed is not None):
-        if seed is not None:
-            seed_torch(seed, MOMENT_SAMPLES)
-        if init_from is None:
+    with caller_rng_kept():
+        if q is not None:
+            loc, tril = _gaussian_parts(q)
+        elif init_from is None:
             # The prior does not depend on x_n: one datapoint's draws serve every row.
+            seed_torch(seed, MOMENT_SAMPLES)
             loc, tril = _moments(model, x[:1], space, PRIOR_SAMPLES)
             loc, tril = loc.expand(len(x), -1), tril.expand(len(x), -1, -1)
         else:
-            loc, tril = _moments(init_from, x, space)
-    return cls.from_gaussian(loc, tril, space)
+            loc, tril = _moments(init_from, x, space, seed=seed)
+        return _row_seeded(cls, loc, tril, space, seed)
+
+
+def _gaussian_parts(q) -> tuple[Tensor, Tensor]:
+    """Mean (N, d) and Cholesky factor (N, d, d) of a Gaussian ``q`` (see family_of)."""
+    if family_of(q) == "full":
+        return q.loc.detach(), q.scale_tril.detach()
+    return q.mean.detach(), torch.diag_embed(q.stddev.detach())
+
+
+def _row_seeded(cls, loc: Tensor, tril: Tensor, space: LatentSpace, seed: int):
+    """``cls.from_gaussian(loc, tril, space)``, built ``ROW_BLOCK`` rows at a time, each
+    block under its own seed, so that the random parameters of a family (a flow's
+    coupling weights) of row n depend only on (seed, n), not on how many rows there are."""
+    n, parts = len(loc), []
+    for block in range(math.ceil(n / ROW_BLOCK)):
+        # Always a whole block (the last padded with copies of the last row): the draws
+        # of a constructor depend on its number of rows.
+        rows = torch.arange(block * ROW_BLOCK, (block + 1) * ROW_BLOCK).clamp(max=n - 1)
+        seed_torch(seed, INIT_STREAM, block)
+        parts.append(dict(cls.from_gaussian(loc[rows], tril[rows], space).named_parameters()))
+    guide = cls.from_gaussian(loc, tril, space)
+    with torch.no_grad():
+        for name, param in guide.named_parameters():
+            param.copy_(torch.cat([part[name] for part in parts])[:n])
+    return guide
 
 
 def _copyable_gaussian(guide, x, space: LatentSpace):
@@ -694,29 +745,45 @@ def _copyable_gaussian(guide, x, space: LatentSpace):
     return q
 
 
-def _moments(fn, x, space: LatentSpace, num_samples: int = MOMENT_SAMPLES
-             ) -> tuple[Tensor, Tensor]:
+def _moments(fn, x, space: LatentSpace, num_samples: int = MOMENT_SAMPLES, *,
+             seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Mean (N, d) and Cholesky factor (N, d, d) of ``fn``'s draws of u, row by row.
 
-    ``fn`` is a guide, or the model (whose latents are then drawn from the prior).
+    ``fn`` is a guide, or the model (whose latents are then drawn from the prior). With
+    a ``seed``, the rows are drawn in padded blocks of ``ROW_BLOCK``, each seeded by
+    (seed, block), so row n's moments depend only on (seed, x_n); without one, in
+    chunks of ``MOMENT_ROWS`` from the global generator.
     """
     idx = torch.arange(len(x), device=x.device)
-    locs, trils = [], []
+    if seed is None:
+        chunks = [(rows, slice(None)) for rows in torch.split(idx, MOMENT_ROWS)]
+    else:
+        chunks = [(block.rows.to(x.device), block.real.to(x.device), block.number)
+                  for block in blocks(idx)]
+    locs = torch.empty(len(x), space.dim, dtype=x.dtype, device=x.device)
+    trils = torch.empty(len(x), space.dim, space.dim, dtype=x.dtype, device=x.device)
     with torch.no_grad(), pyro.validation_enabled(False):
-        for rows in torch.split(idx, MOMENT_ROWS):
-            with pyro.plate("particles", num_samples, dim=-2):
-                trace = poutine.trace(fn).get_trace(x[rows], rows, len(x))
-            missing = [name for name in space.names if name not in trace.nodes]
-            if missing:
-                raise ValueError(
-                    f"{type(fn).__name__} has no site for the model's latents {missing}: "
-                    "it cannot start a local guide"
-                )
-            u = space.flatten({name: trace.nodes[name]["value"] for name in space.names})
-            loc, tril = _gaussian_fit(u.expand(num_samples, len(rows), space.dim))
-            locs.append(loc)
-            trils.append(tril)
-    return torch.cat(locs), torch.cat(trils)
+        for rows, real, *number in chunks:
+            if number:
+                seed_torch(seed, INIT_STREAM + 1, number[0])
+            u = _draws_of_u(fn, x, rows, space, num_samples)
+            loc, tril = _gaussian_fit(u)
+            locs[rows[real]], trils[rows[real]] = loc[real], tril[real]
+    return locs, trils
+
+
+def _draws_of_u(fn, x, rows, space: LatentSpace, num_samples: int) -> Tensor:
+    """``num_samples`` draws of u for the rows ``rows`` of x, shape (S, B, d)."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        trace = poutine.trace(fn).get_trace(x[rows], rows, len(x))
+    missing = [name for name in space.names if name not in trace.nodes]
+    if missing:
+        raise ValueError(
+            f"{type(fn).__name__} has no site for the model's latents {missing}: "
+            "it cannot start a local guide"
+        )
+    u = space.flatten({name: trace.nodes[name]["value"] for name in space.names})
+    return u.expand(num_samples, len(rows), space.dim)
 
 
 def _gaussian_fit(u: Tensor) -> tuple[Tensor, Tensor]:

@@ -52,22 +52,39 @@ class LocalELBO(DifferentiableELBO):
 
     def differentiable_loss(self, model, guide, x, idx=None, num_data=None) -> Tensor:
         """Minus this rank's share of the ELBO, scaled to the whole dataset."""
+        values, _ = self._owned_terms(model, guide, x, idx, num_data)
+        return -values.sum() * (num_data / len(x))
+
+    def row_elbo(self, model, guide, x, idx, num_data) -> Tensor:
+        """The ELBO estimate of every row of the minibatch, shape (B,): the mean over the
+        ``num_particles`` draws of log p(x_n, z) - log q_n(z); NaN for rows another
+        rank owns."""
+        values, keep = self._owned_terms(model, guide, x, idx, num_data)
+        if keep is None:
+            return values
+        out = torch.full((len(x),), torch.nan, dtype=values.dtype, device=values.device)
+        out[keep] = values
+        return out
+
+    def _owned_terms(self, model, guide, x, idx, num_data) -> tuple[Tensor, Tensor | None]:
+        """Per-row ELBO estimates (B',) of the owned rows, and which rows they are."""
         k, batch = self.num_particles, len(x)
         with pyro.plate("particles", k, dim=-2):
             guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         log_q = log_density(guide_trace, (k, batch))
         values = {name: guide_trace.nodes[name]["value"] for name in self.latent_names}
+        keep = None
         if self.owned is not None:
             keep = self.owned[idx]
             if not bool(keep.any()):  # nothing of this minibatch is ours
-                return log_q.sum() * 0.0
+                return log_q.mean(0)[:0], keep
             log_q, x, idx = log_q[:, keep], x[keep], idx[keep]
             values = {name: value[:, keep] for name, value in values.items()}
         with pyro.plate("particles", k, dim=-2):
             conditioned = poutine.condition(model, data=values)
             model_trace = poutine.trace(conditioned).get_trace(x, idx, num_data)
         log_p = log_density(model_trace, (k, len(x)))
-        return -(log_p - log_q).mean(0).sum() * (num_data / batch)
+        return (log_p - log_q).mean(0), keep
 
 
 def gather_rows(guide: nn.Module, owned: Tensor | None) -> None:

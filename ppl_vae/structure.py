@@ -107,7 +107,18 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> N
     with torch.no_grad(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         replayed = poutine.replay(model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+        try:
+            model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+        except (RuntimeError, TypeError) as error:
+            # Say so at the boundary, not from deep inside torch at the first step: the
+            # model runs on its prior draws but not on the guide's (often a dtype, as
+            # float64 data and draws against the model's float32 constants).
+            dtypes = sorted({str(site["value"].dtype) for site in guide_trace.nodes.values()
+                             if is_latent_site(site)})
+            raise ValueError(
+                f"the model ({described(model)}) fails on the guide's draws (dtypes "
+                f"{dtypes}, data {x.dtype}): {type(error).__name__}: {error}"
+            ) from error
     latents = {name for name, site in model_trace.nodes.items() if is_latent_site(site)}
     missing = [
         name for name in latents

@@ -198,7 +198,9 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     report = ppl_vae.gaps(model, encoder, x, num_samples=10, local_steps=40, seed=0,
                           progress=False)
     assert len(fits) == 1
-    guide, steps, fit_forwards = fits[0]
+    noised, steps, fit_forwards = fits[0]
+    # The fit trains the local guide wrapped in its per-row draws (ppl_vae.local_fit).
+    guide = noised.guide
     assert isinstance(guide, LocalNormal) and guide.loc.shape == (1000, 2)
     assert steps == report.local_steps == 40
     # Every guide call sees all 1000 rows, at most one per step (fewer when fit replays a
