@@ -208,7 +208,7 @@ def test_forward_x_module_ais_against_quadrature():
     exact = module.log_marginal_by_quadrature(x).float()
     result = ppl_vae.ais(module, x, num_steps=300, num_chains=32, progress=False, seed=SEED)
     _within(result.log_marginal, exact, result.log_marginal_se)
-    assert (result.log_marginal - exact).abs().max() < 0.1
+    assert ((result.log_marginal - exact).abs() < 5 * result.log_marginal_se).all()
 
 
 def _posterior_means(x) -> torch.Tensor:
