@@ -16,7 +16,7 @@ Trains (or loads, from ``--checkpoint``) a VAE on binarized MNIST briefly, then 
   (the first ``--points`` of them the same): its ELBO per point minus the reference's,
   and the largest change of a row between the two fits;
 - the time of fit_local on ``--among`` points, now and with the rule of today's main
-  (``--baseline``: a module path of the previous ``_fit_local``, skipped when absent).
+  (``--baseline``: a module path of the previous ``fit_local_trusted``, skipped when absent).
 
 Every ELBO is estimated with ``--num-samples`` draws per point, the same draws for every
 guide (one seed), so the differences are measured far more precisely than the levels.
@@ -42,7 +42,7 @@ from ppl_vae.models import VAE
 from ppl_vae.settings import module_local
 from ppl_vae.train import frozen
 
-_gaps = importlib.import_module("ppl_vae.gaps")
+_gaps = importlib.import_module("ppl_vae.local_fit")
 
 # (fraction of the reference's steps, learning rate): the plain loop's schedule.
 REFERENCE_SCHEDULE = ((0.25, 1e-2), (0.25, 3e-3), (0.2, 1e-3), (0.15, 3e-4), (0.15, 1e-4))
@@ -70,7 +70,7 @@ def trained_vae(args):
 def reference(model, x, family: str, steps: int, num_particles: int, seed: int):
     """The plain loop: the starting guide of fit_local, Pyro's Trace_ELBO, torch's Adam,
     REFERENCE_SCHEDULE; no plateau rule, every step runs."""
-    guide = _gaps._initial_local(model, x, family, None, seed=seed)
+    guide = _gaps.initial_local(model, x, family, None, seed=seed)
     loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
                          max_plate_nesting=1)(model, guide)
     optimizer = torch.optim.Adam(guide.parameters(), lr=REFERENCE_SCHEDULE[0][1])
@@ -97,7 +97,7 @@ def cached_reference(model, x, args, seed):
     path = Path(args.out) / key
     if path.exists():
         saved = torch.load(path)
-        guide = _gaps._initial_local(model, x, args.family, None, seed=seed)
+        guide = _gaps.initial_local(model, x, args.family, None, seed=seed)
         guide.load_state_dict(saved["guide"])
         return (guide, saved["steps"]), saved["seconds"]
     (guide, steps), seconds = timed(lambda: reference(
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
                              limit=args.among, seed=args.seed)
     rows, seed, k = args.points, args.seed, args.num_samples
 
-    def fitted(n, fit=_gaps._fit_local):
+    def fitted(n, fit=_gaps.fit_local_trusted):
         (guide, result), seconds = timed(lambda: fit(
             model, x[:n], args.family, init_from=None, steps=3000, lr=3e-2,
             num_particles=8, progress=False, seed=seed))
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     table = {"alone": (alone, alone_steps, alone_seconds),
              "among": (among, among_steps, among_seconds)}
     if args.baseline:
-        old = importlib.import_module(args.baseline)._fit_local
+        old = importlib.import_module(args.baseline).fit_local_trusted
         table["baseline alone"] = fitted(rows, old)
         table["baseline among"] = fitted(args.among, old)
     print(f"fit_local({args.family!r}) on {rows} binarized MNIST test points, VAE "

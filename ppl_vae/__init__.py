@@ -19,7 +19,9 @@ from ppl_vae.estimators import (
     pareto_khat,
     summarize_log_weights,
 )
-from ppl_vae.gaps import GapReport, RefinementCurve, fit_local, gaps, refine
+from ppl_vae.gaps import GapReport, gaps
+from ppl_vae.local_fit import fit_local
+from ppl_vae.refine import RefinementCurve, refine
 from ppl_vae.simulate import sample_from_model
 from ppl_vae.surgery import SurgeryReport, elbo_surgery
 from ppl_vae.train import FitResult, Interrupted, fit

@@ -1,253 +1,404 @@
-"""A local fit whose every row converges on its own: per-row draws, rates and stopping.
+"""The best per-datapoint guide q*: a local guide fitted with the model frozen.
 
-``fit_local`` fits one q_n per datapoint in one vectorized run. For a row's q*_n to be a
-property of x_n alone, and not of the rows fitted with it, three things must be the
-row's own:
-
-- its random draws: the standard-normal noise behind each reparameterized draw of row n
-  at step t depends only on (seed, n, t) (:func:`row_noise`, blocks of ``ROW_BLOCK``
-  rows seeded apart, as :mod:`ppl_vae.seeding` does for evaluations), and is handed
-  to the guide by :class:`Noised`;
-- its step sizes: :class:`RowAdam` is Adam with a learning rate per row. Adam's update
-  is invariant to the scale of the gradient (m / sqrt(v) cancels it), so scaling a
-  row's gradient would not change its step; the rate has to multiply the update;
-- its stopping: :class:`RowPlateau` decides each row's decays and its stop from that
-  row's ELBO alone, measured every ``window`` steps on fixed draws (common random
-  numbers: the difference of two measurements sees the change of q_n, not the noise of
-  the draws, which the window means of one row's training ELBO could not separate from
-  the few hundredths of a nat that matter here).
-
-A stopped row is frozen: its parameters and Adam moments are left exactly as they are.
-The fit ends when every row has stopped or after ``steps`` steps.
+``fit_local`` builds a local guide of a family ("diag", "full", "flow") over every latent
+site of the model, starts each row from the prior, an encoder or any guide's moments, and
+fits all rows in one vectorized run whose every row converges on its own
+(:mod:`ppl_vae.row_convergence`). ``gaps`` and ``refine`` start from here.
 """
 
 from __future__ import annotations
 
 import math
 
+import pyro
+import pyro.distributions as dist
 import torch
-from pyro.poutine.messenger import Messenger
-from torch import Tensor, nn
-from torch.distributions.multivariate_normal import _batch_mv
+from pyro import poutine
+from torch import Tensor
 
-from ppl_vae.distributed import summed_over_group
-from ppl_vae.guides.local import LATENT
-from ppl_vae.seeding import ROW_BLOCK, generator
-
-# The learning rate of a row is divided by LR_DECAY at each of its plateaus, LR_DECAYS
-# times; its next plateau stops it. At a constant rate Adam hovers around each
-# datapoint's optimum at a distance set by the rate and the gradient noise; smaller
-# rates let it settle (on a 2-d PPCA posterior the mean excess KL falls from ~0.04 nats
-# at a constant 3e-2 to ~0.001).
-LR_DECAY = 3.0
-LR_DECAYS = 4
-# Measurements of every row's ELBO per window of the plateau rule, and the windows in a
-# row without a new best (by tol) that make a plateau: one row's window averages are
-# far noisier than the mean over many rows that the rule of a single rate could read,
-# and a single noisy window must not decay a row that is still improving.
-MEASURES = 5
-PATIENCE = 5
-# Counters that keep the draws of training steps, measurements and initialisation apart.
-EVAL_STREAM = 2**40
-INIT_STREAM = 2**41
-
-
-def row_noise(seed: int, num_rows: int, shape: tuple[int, ...], step: int, *,
-              dtype=torch.float32, device=None) -> Tensor:
-    """Standard-normal draws (*shape, num_rows, d) whose row n depends only on (seed, n, step).
-
-    Rows are drawn in blocks of ``ROW_BLOCK`` dataset rows, each block from its own
-    generator seeded by (seed, block, step) and always drawn whole, so a row's values
-    do not depend on how many rows there are. ``shape`` is (*sample_shape, d).
-    """
-    *sample, d = shape
-    blocks = []
-    for block in range(math.ceil(num_rows / ROW_BLOCK)):
-        g = generator(seed, block, step)
-        blocks.append(torch.randn(ROW_BLOCK, *sample, d, generator=g, dtype=dtype))
-    noise = torch.cat(blocks)[:num_rows] if blocks else torch.zeros(0, *sample, d, dtype=dtype)
-    # (N, *sample, d) -> (*sample, N, d): rows at dim -2, as the particles plate has them.
-    return noise.movedim(0, -2).contiguous().to(device)
+from ppl_vae.distributed import local_only
+from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
+from ppl_vae.guides.local import (
+    FAMILIES,
+    LOCAL_GUIDES,
+    LocalDiag,
+    LocalFlow,
+    LocalFull,
+    family_of,
+)
+from ppl_vae.local_elbo import LocalELBO, gather_rows, owned_rows
+from ppl_vae.programs import as_programs
+from ppl_vae.row_convergence import (
+    EVAL_STREAM,
+    INIT_STREAM,
+    Noised,
+    RowPlateau,
+    row_noise,
+)
+from ppl_vae.seeding import ROW_BLOCK, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
+from ppl_vae.settings import module_local
+from ppl_vae.structure import check_structure, described
+from ppl_vae.train import FitResult, fit_trusted
+from ppl_vae.validation import as_data, one_of, positive_int
 
 
-class _FromNoise(Messenger):
-    """Give the local guide's draw of u the value its distribution maps ``noise`` to."""
+@module_local
+def fit_local(
+    model,
+    x,
+    family: str = "diag",
+    *,
+    init_from=None,
+    steps: int = 3000,
+    lr: float = 3e-2,
+    num_particles: int = 8,
+    batch_size: int | None = None,
+    tol: float = 1e-3,
+    window: int = 50,
+    progress: bool = True,
+    seed: int | None = None,
+    plate: str | None = None,
+) -> LocalDiag | LocalFull | LocalFlow:
+    """Fit a local guide, one q_n per datapoint, with the model's parameters frozen.
 
-    def __init__(self, noise: Tensor):
-        super().__init__()
-        self.noise = noise
+    The guide covers every latent site of the model's ``"data"`` plate, whatever their
+    names, event shapes and supports: it is a density over their joint unconstrained
+    vector u in R^d (see :class:`~ppl_vae.guides.latent_space.LatentSpace`), and the
+    log-Jacobian of each site's ``biject_to`` enters its log-density, so the ELBO is
+    that of the constrained latents.
 
-    def _pyro_sample(self, msg) -> None:
-        if msg["name"] == LATENT and msg["value"] is None:
-            msg["value"] = reparameterized(msg["fn"], self.noise)
+    All datapoints are fitted at once: the guide holds one parameter tensor of shape
+    (N, ...), and since the ELBO is a sum over datapoints whose terms share no
+    parameter, and Adam scales every parameter's step separately, one vectorized fit
+    behaves like N independent ones. Gradients average ``num_particles`` samples
+    (vectorized ``Trace_ELBO``).
 
+    Under torch.distributed each rank fits every world_size-th row and the rows are
+    gathered at the end (:mod:`ppl_vae.local_elbo`): the same guide as one process, up
+    to float rounding.
 
-def reparameterized(fn, noise: Tensor) -> Tensor:
-    """What ``fn.rsample()`` returns when its standard-normal draw is ``noise``.
-
-    The arithmetic of torch's own ``rsample``: ``loc + eps * scale`` for a Normal,
-    ``loc + L eps`` for a MultivariateNormal, the transforms in order for a
-    TransformedDistribution (which also fills their caches, as ``rsample`` does).
-    """
-    if isinstance(fn, torch.distributions.Independent):
-        return reparameterized(fn.base_dist, noise)
-    if isinstance(fn, torch.distributions.Normal):
-        return fn.loc + noise * fn.scale
-    if isinstance(fn, torch.distributions.MultivariateNormal):
-        return fn.loc + _batch_mv(fn._unbroadcasted_scale_tril, noise)
-    if isinstance(fn, torch.distributions.TransformedDistribution):
-        value = reparameterized(fn.base_dist, noise)
-        for transform in fn.transforms:
-            value = transform(value)
-        return value
-    raise TypeError(f"a local guide's draw cannot be a {type(fn).__name__}")
-
-
-class Noised(nn.Module):
-    """A local guide whose draw of u comes from the buffer ``noise`` (K, N, d).
-
-    Row ``idx[b]`` of a minibatch reads ``noise[:, idx[b]]``. The noise is a buffer, so a
-    traced loss (:class:`ppl_vae.traced.TracedLoss`) takes it as an input at every call.
-    """
-
-    def __init__(self, guide: nn.Module, noise: Tensor):
-        super().__init__()
-        self.guide = guide
-        self.register_buffer("noise", noise, persistent=False)
-
-    def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
-        noise = self.noise if idx is None else self.noise[:, idx]
-        with _FromNoise(noise):
-            return self.guide(x, idx, num_data)
-
-
-class RowAdam(torch.optim.Optimizer):
-    """Adam over parameters of shape (N, ...), with a learning rate and a switch per row.
-
-    Row n of every parameter moves by ``row_lr[n] * m_hat / (sqrt(v_hat) + eps)``, with
-    the bias corrections of row n's own step count, and rows with ``active[n]`` False
-    do not move at all (parameters and moments unchanged, bit for bit). The update is
-    torch's Adam's, elementwise, so a row's path depends on its own gradients only.
-    """
-
-    def __init__(self, params, lr: float, num_rows: int, *, betas=(0.9, 0.999),
-                 eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self.row_lr = torch.full((num_rows,), float(lr), dtype=torch.float64)
-        self.active = torch.ones(num_rows, dtype=torch.bool)
-        self.row_steps = torch.zeros(num_rows, dtype=torch.float64)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        steps = self.row_steps + self.active
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            # Bias corrections per row; a row not yet stepped (inactive) divides by 1.
-            correction1 = torch.where(steps > 0, 1 - beta1**steps, 1.0)
-            correction2 = torch.where(steps > 0, 1 - beta2**steps, 1.0)
-            for param in group["params"]:
-                self._update(param, beta1, beta2, group["eps"], correction1, correction2)
-        self.row_steps = steps
-        return None
-
-    def _update(self, param, beta1, beta2, eps, correction1, correction2) -> None:
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        state = self.state[param]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        per_row = (-1,) + (1,) * (param.dim() - 1)
-
-        def rows(values: Tensor) -> Tensor:
-            return values.to(param).view(per_row)
-
-        active = self.active.to(param.device).view(per_row)
-        m_new = m.lerp(grad, 1 - beta1)
-        v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (v_new.sqrt() / rows(correction2.sqrt())).add_(eps)
-        update = m_new / denom * rows(self.row_lr / correction1)
-        param.sub_(torch.where(active, update, torch.zeros((), dtype=param.dtype)))
-        m.copy_(torch.where(active, m_new, m))
-        v.copy_(torch.where(active, v_new, v))
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["rows"] = {"row_lr": self.row_lr.clone(), "active": self.active.clone(),
-                         "row_steps": self.row_steps.clone()}
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        rows = state_dict.pop("rows")
-        super().load_state_dict(state_dict)
-        self.row_lr = rows["row_lr"].clone()
-        self.active = rows["active"].clone()
-        self.row_steps = rows["row_steps"].clone()
-
-
-class RowPlateau:
-    """fit()'s callback: per-row learning-rate decays and stops, and each step's noise.
-
-    Each row's ELBO is measured ``MEASURES`` times per ``window`` steps, always on the
-    same fixed draws, and averaged over the window (the average also smooths the
-    jitter of Adam's iterates around the optimum). A row whose window average has not
-    beaten its best by ``tol`` for ``PATIENCE`` windows in a row is at a plateau: its
-    rate is divided by ``LR_DECAY``, and at its plateau after ``LR_DECAYS`` decays it
-    stops. Rows outside
-    ``owned`` (another rank's) are stopped from the start.
+    Convergence is each row's own (:mod:`ppl_vae.row_convergence`), so a row's q*_n is the
+    same whatever rows are fitted with it (with a seed, up to float rounding): row n's
+    random draws depend only on (seed, n, step); every row has its own Adam learning
+    rate; ``MEASURES`` (5) times per ``window`` steps each row's ELBO is measured on
+    fixed draws, and when its window average has not beaten its best by ``tol`` nats
+    for ``PATIENCE`` (5) windows running (a plateau), that row's rate is divided by
+    ``LR_DECAY`` (3); at its plateau after ``LR_DECAYS`` (4) decays the row stops, its
+    parameters frozen. The fit ends when every row has stopped, or after ``steps``.
+    With ``batch_size`` below N the minibatches, drawn from all rows, make rows
+    depend on each other again.
 
     Parameters
     ----------
-    measure : callable() -> Tensor of shape (N,)
-        The ELBO of every row on the fixed draws (NaN where not owned).
-    set_step : callable(step)
-        Loads the training noise of step ``step`` into the guide.
+    model : PyroModule
+        Its parameters are left bit-for-bit unchanged.
+    x : Tensor or ndarray of shape (N, D)
+    family : {"diag", "full", "flow"}
+        :class:`~ppl_vae.guides.LocalDiag` (diagonal Gaussian over u),
+        :class:`~ppl_vae.guides.LocalFull` (full-covariance Gaussian over all sites
+        jointly) or :class:`~ppl_vae.guides.LocalFlow` (a per-datapoint flow that
+        contains ``"full"``).
+    init_from : guide, optional
+        Where each row starts. A Gaussian encoder (``distribution(x)`` an Independent
+        Normal or MultivariateNormal) of a model with one real latent site is copied:
+        exactly into ``"full"`` and ``"flow"`` (its layers at the identity), and its
+        marginal variances into ``"diag"``. Any other guide (a flow encoder, a guide of
+        several sites or of constrained ones, a user's own) starts row n at the mean
+        and covariance of ``MOMENT_SAMPLES`` of its draws of u for x_n. By default,
+        every row starts at the prior's moments over u, from ``PRIOR_SAMPLES`` draws
+        of the model's latents on one datapoint.
+    steps : int
+        Most optimizer steps.
+    lr : float
+        Initial Adam learning rate.
+    num_particles : int
+        Samples per datapoint in each gradient estimate.
+    batch_size : int, optional
+        Rows per step; all rows when None (recommended: Adam's momentum keeps moving
+        the rows that a minibatch leaves out).
+    tol, window : float, int
+        The per-row plateau rule above.
+    progress : bool
+        Show a progress bar.
+    seed : int, optional
+        Seeds the fit.
+
+    Returns
+    -------
+    LocalDiag, LocalFull or LocalFlow, with parameters of shape (N, ...).
+
+    Raises
+    ------
+    ValueError
+        On bad input or an unknown ``family``, before any work.
+
+    Examples
+    --------
+    The full-covariance family holds PPCA's exact posterior, so q* reaches log p(x):
+
+    >>> import torch, ppl_vae
+    >>> from ppl_vae.models import PPCA
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(16, 2) @ torch.randn(2, 5) + torch.randn(16, 5)
+    >>> model = PPCA.from_data(x, latent_dim=2)
+    >>> q = ppl_vae.fit_local(model, x, "full", steps=300, seed=0, progress=False)
+    >>> gap = model.score_samples(x) - ppl_vae.elbo(model, q, x, num_samples=100, seed=0)
+    >>> bool(gap.mean().abs() < 0.02)
+    True
     """
+    x = as_data(x, model)
+    model, init_from = as_programs(model, init_from, x, plate=plate)
+    check_structure(model, x[:1])
+    return fit_local_trusted(
+        model, x, family, init_from=init_from, steps=steps, lr=lr,
+        num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,
+        progress=progress, seed=seed,
+    )[0]
 
-    def __init__(self, lr: float, num_rows: int, *, tol: float, window: int, measure,
-                 set_step, owned: Tensor | None = None):
-        self.lr, self.num_rows, self.tol, self.window = lr, num_rows, tol, window
-        self.measure, self.set_step = measure, set_step
-        self.every = max(1, window // MEASURES)
-        self.owned = owned.cpu() if owned is not None else None
-        self.decays = torch.zeros(num_rows, dtype=torch.long)
-        self.sums = torch.zeros(num_rows, dtype=torch.float64)
-        self.count = 0
-        self.best: Tensor | None = None
-        self.waited = torch.zeros(num_rows, dtype=torch.long)
-        self._optimizer: RowAdam | None = None
 
-    def optimizer(self, params) -> RowAdam:
-        self._optimizer = RowAdam(params, self.lr, self.num_rows)
-        if self.owned is not None:
-            self._optimizer.active &= self.owned
-        return self._optimizer
+def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
+               tol=1e-3, window=50, progress=True, seed=None) -> tuple:
+    """The fit behind fit_local and gaps, on data they have already checked (its own
+    settings are checked here, once). Every row converges on its own (see
+    :mod:`ppl_vae.row_convergence`)."""
+    one_of(family, FAMILIES, "family")
+    steps = positive_int(steps, "steps")
+    num_particles = positive_int(num_particles, "num_particles")
+    window = positive_int(window, "window")
+    seed = base_seed(check_seed(seed))
+    batch_size = len(x) if batch_size is None else min(positive_int(batch_size, "batch_size"),
+                                                       len(x))
+    guide = initial_local(model, x, family, init_from, seed=seed)
+    # Under torch.distributed each rank fits its own rows (see ppl_vae.local_elbo), with
+    # fit's own sharding (DDP, minibatch shares) switched off by local_only; a rank
+    # stops when the rows of every rank have stopped.
+    owned = owned_rows(len(x), x.device)
+    loss = LocalELBO(num_particles, guide.space.names, owned)
+    shape = (num_particles, guide.latent_dim)
 
-    def __call__(self, step: int, elbo: float) -> bool:
-        if (step + 1) % self.every == 0:
-            self.sums += self.measure().cpu().double()
-            self.count += 1
-        if (step + 1) % self.window == 0:
-            self._check(self.sums / max(self.count, 1))
-            self.sums.zero_()
-            self.count = 0
-        self.set_step(step + 1)
-        left = int(self._optimizer.active.sum())
-        return (left if self.owned is None else summed_over_group(left)) == 0
+    def noise(step: int) -> Tensor:
+        return row_noise(seed, len(x), shape, step, dtype=x.dtype, device=x.device)
 
-    def _check(self, now: Tensor) -> None:
-        if self.best is None:
-            self.best = now.clone()
-            return
-        opt = self._optimizer
-        better = now >= self.best + self.tol
-        self.best = torch.where(better, now, self.best)
-        self.waited = torch.where(better, 0, self.waited + 1)
-        plateau = opt.active & (self.waited >= PATIENCE)
-        stop = plateau & (self.decays >= LR_DECAYS)
-        decay = plateau & ~stop
-        opt.active &= ~stop
-        opt.row_lr[decay] /= LR_DECAY
-        self.decays += decay
-        self.waited[plateau] = 0
+    noised = Noised(guide, noise(0))
+    measured = Noised(guide, noise(EVAL_STREAM))
+    everything = torch.arange(len(x), device=x.device)
+
+    def measure() -> Tensor:
+        with torch.no_grad():
+            return loss.row_elbo(model, measured, x, everything, len(x))
+
+    schedule = RowPlateau(lr, len(x), tol=tol, window=window, measure=measure,
+                          set_step=lambda step: noised.noise.copy_(noise(step)), owned=owned)
+    with local_only():
+        result: FitResult = fit_trusted(
+            model, noised, x, batch_size=batch_size, total=steps,
+            optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
+            train_model=False, callback=schedule, jit=owned is None,
+        )
+    gather_rows(guide, owned)
+    return guide, result
+
+
+# Draws of a guide whose mean and covariance start a local guide; the prior, the same
+# for every datapoint, is drawn on one datapoint only, so it can afford many more.
+MOMENT_SAMPLES = 64
+PRIOR_SAMPLES = 4096
+# Rows per vectorized moment draw, which bounds its memory.
+MOMENT_ROWS = 256
+
+
+def initial_local(model, x, family, init_from, *, seed=None):
+    """A local guide of ``family`` for every latent of ``model``, at its starting point.
+
+    A Gaussian encoder of a single real site is copied (exactly where the family
+    allows); any other guide, and the prior when ``init_from`` is None, gives its
+    moments over u (see :func:`fit_local`). Row n's start depends only on (seed, x_n):
+    the moments of a guide are drawn per block of rows, and the family's random
+    parameters (a flow's coupling weights) are drawn block by block
+    (:func:`_row_seeded`).
+    """
+    space = LatentSpace.of(model, x)
+    cls = LOCAL_GUIDES[family]
+    seed = base_seed(seed)
+    q = None if init_from is None else _copyable_gaussian(init_from, x, space)
+    with caller_rng_kept():
+        if q is not None:
+            loc, tril = _gaussian_parts(q)
+        elif init_from is None:
+            # The prior does not depend on x_n: one datapoint's draws serve every row.
+            seed_torch(seed, MOMENT_SAMPLES)
+            loc, tril = _moments(model, x[:1], space, PRIOR_SAMPLES)
+            loc, tril = loc.expand(len(x), -1), tril.expand(len(x), -1, -1)
+        else:
+            loc, tril = _moments(init_from, x, space, seed=seed)
+        return _row_seeded(cls, loc, tril, space, seed)
+
+
+def _gaussian_parts(q) -> tuple[Tensor, Tensor]:
+    """Mean (N, d) and Cholesky factor (N, d, d) of a Gaussian ``q`` (see family_of)."""
+    if family_of(q) == "full":
+        return q.loc.detach(), q.scale_tril.detach()
+    return q.mean.detach(), torch.diag_embed(q.stddev.detach())
+
+
+def _row_seeded(cls, loc: Tensor, tril: Tensor, space: LatentSpace, seed: int):
+    """``cls.from_gaussian(loc, tril, space)``, built ``ROW_BLOCK`` rows at a time, each
+    block under its own seed, so that the random parameters of a family (a flow's
+    coupling weights) of row n depend only on (seed, n), not on how many rows there are."""
+    n, parts = len(loc), []
+    for block in range(math.ceil(n / ROW_BLOCK)):
+        # Always a whole block (the last padded with copies of the last row): the draws
+        # of a constructor depend on its number of rows.
+        rows = torch.arange(block * ROW_BLOCK, (block + 1) * ROW_BLOCK).clamp(max=n - 1)
+        seed_torch(seed, INIT_STREAM, block)
+        parts.append(dict(cls.from_gaussian(loc[rows], tril[rows], space).named_parameters()))
+    guide = cls.from_gaussian(loc, tril, space)
+    with torch.no_grad():
+        for name, param in guide.named_parameters():
+            param.copy_(torch.cat([part[name] for part in parts])[:n])
+    return guide
+
+
+def _copyable_gaussian(guide, x, space: LatentSpace):
+    """The guide's Gaussian q(z | x) when it is exactly a density of u, else None."""
+    site = space.sites[0]
+    if len(space.sites) > 1 or not site.is_real or site.event_shape != (space.dim,):
+        return None
+    if not callable(getattr(guide, "distribution", None)):
+        return None
+    with torch.no_grad():
+        q = guide.distribution(x)
+    try:
+        family_of(q)
+    except ValueError:
+        return None
+    if tuple(q.batch_shape) != (len(x),) or tuple(q.event_shape) != (space.dim,):
+        return None
+    return q
+
+
+def _moments(fn, x, space: LatentSpace, num_samples: int = MOMENT_SAMPLES, *,
+             seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Mean (N, d) and Cholesky factor (N, d, d) of ``fn``'s draws of u, row by row.
+
+    ``fn`` is a guide, or the model (whose latents are then drawn from the prior). With
+    a ``seed``, the rows are drawn in padded blocks of ``ROW_BLOCK``, each seeded by
+    (seed, block), so row n's moments depend only on (seed, x_n); without one, in
+    chunks of ``MOMENT_ROWS`` from the global generator.
+    """
+    idx = torch.arange(len(x), device=x.device)
+    if seed is None:
+        chunks = [(rows, slice(None)) for rows in torch.split(idx, MOMENT_ROWS)]
+    else:
+        chunks = [(block.rows.to(x.device), block.real.to(x.device), block.number)
+                  for block in blocks(idx)]
+    locs = torch.empty(len(x), space.dim, dtype=x.dtype, device=x.device)
+    trils = torch.empty(len(x), space.dim, space.dim, dtype=x.dtype, device=x.device)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for rows, real, *number in chunks:
+            if number:
+                seed_torch(seed, INIT_STREAM + 1, number[0])
+            u = _draws_of_u(fn, x, rows, space, num_samples)
+            loc, tril = _gaussian_fit(u)
+            locs[rows[real]], trils[rows[real]] = loc[real], tril[real]
+    return locs, trils
+
+
+def _draws_of_u(fn, x, rows, space: LatentSpace, num_samples: int) -> Tensor:
+    """``num_samples`` draws of u for the rows ``rows`` of x, shape (S, B, d)."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        trace = poutine.trace(fn).get_trace(x[rows], rows, len(x))
+    missing = [name for name in space.names if name not in trace.nodes]
+    if missing:
+        raise ValueError(
+            f"{type(fn).__name__} has no site for the model's latents {missing}: "
+            "it cannot start a local guide"
+        )
+    u = space.flatten({name: trace.nodes[name]["value"] for name in space.names})
+    return u.expand(num_samples, len(rows), space.dim)
+
+
+def _gaussian_fit(u: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and Cholesky factor of draws u (S, B, d), per row, ignoring non-finite draws.
+
+    (A Normal guide on a positive latent puts draws outside the support: their u is
+    NaN.) The covariance is shrunk towards its diagonal by d / (S + d), which keeps it
+    positive definite for d >= S; a row with fewer than two finite draws gets N(0, I).
+    """
+    s, _, d = u.shape
+    finite = torch.isfinite(u).all(-1, keepdim=True)
+    weight = finite.to(u.dtype)
+    count = weight.sum(0)
+    u = torch.where(finite, u, torch.zeros((), dtype=u.dtype))
+    loc = (weight * u).sum(0) / count.clamp(min=1)
+    centered = (u - loc) * weight
+    cov = torch.einsum("sbi,sbj->bij", centered, centered) / (count - 1).clamp(min=1)[..., None]
+    shrink = d / (s + d)
+    cov = (1 - shrink) * cov + shrink * torch.diag_embed(cov.diagonal(dim1=-2, dim2=-1))
+    eye = torch.eye(d, dtype=u.dtype, device=u.device)
+    few = (count < 2)[..., None]
+    loc = torch.where(few[..., 0], torch.zeros((), dtype=u.dtype), loc)
+    cov = torch.where(few, eye, cov)
+    # A point mass (zero variance) still needs a valid Cholesky factor.
+    jitter = 1e-8 * (1 + cov.diagonal(dim1=-2, dim2=-1).mean(-1))[..., None, None]
+    return loc, torch.linalg.cholesky(cov + jitter * eye)
+
+
+def local_family(guide, x, local, match_family) -> str:
+    """The local family to fit: ``local`` if given, checked against the guide's own."""
+    if local is not None:
+        one_of(local, FAMILIES, "local")
+    family = guide_family(guide, x)
+    name = described(guide)
+    if family is None:
+        if local is None:
+            raise ValueError(
+                f"cannot tell the variational family of {name} (a guide with several "
+                "sites, or not a Normal/MultivariateNormal, and no `family` attribute): "
+                f"pass local= one of {FAMILIES}, or give the guide a `family` attribute"
+            )
+        return local
+    if local is None:
+        if family not in FAMILIES:
+            raise ValueError(
+                f"{name} has family {family!r}, which has no local counterpart: local "
+                f"families are {FAMILIES} (Gaussian or flow); pass local= one of them with "
+                "match_family=False to compare across families on purpose"
+            )
+        return family
+    if local != family and match_family:
+        raise ValueError(
+            f"local={local!r} but {name} is of family {family!r}: the amortization gap "
+            "L[q*] - L[q] means what amortization costs only when q* is the best member "
+            "of the encoder's own family (otherwise it mixes in the difference between "
+            f"families); use local={family!r}, or match_family=False to compare across "
+            "families on purpose"
+        )
+    return local
+
+
+def guide_family(guide, x: Tensor) -> str | None:
+    """The variational family of ``guide``: its ``family`` attribute, else its trace.
+
+    From the trace, a guide with one latent site (and no auxiliary one) is ``"diag"``
+    for a Normal, ``"full"`` for a MultivariateNormal, ``"delta"`` for a point mass;
+    anything else gives None (unknown).
+    """
+    family = getattr(guide, "family", None)
+    if family is not None:
+        return family
+    first = torch.zeros(1, dtype=torch.long, device=x.device)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(guide).get_trace(x[:1], first, len(x))
+    sites = [site for site in trace.nodes.values() if is_latent_site(site)]
+    if len(sites) != 1 or sites[0]["infer"].get("is_auxiliary"):
+        return None
+    fn = sites[0]["fn"]
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    if isinstance(fn, dist.Delta):
+        return "delta"
+    try:
+        return family_of(fn)
+    except ValueError:
+        return None

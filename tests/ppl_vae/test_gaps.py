@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 
 # The module, not the function ppl_vae.gaps that shadows it as an attribute.
 gaps_module = importlib.import_module("ppl_vae.gaps")
+local_fit_module = importlib.import_module("ppl_vae.local_fit")
 
 # Slack for optimization, in nats per datapoint, on top of 3 standard errors: neither
 # the trained encoder nor the local fit reaches its optimum exactly (each is measured
@@ -180,7 +181,7 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     model, x = ppca_truth
     x = x[:1000]
     fits, forwards = [], []
-    real_fit, real_forward = gaps_module.fit_trusted, LocalNormal.forward
+    real_fit, real_forward = local_fit_module.fit_trusted, LocalNormal.forward
 
     def counting_fit(model, guide, x, **kwargs):
         before = len(forwards)
@@ -192,14 +193,14 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
         forwards.append(len(x))
         return real_forward(self, x, idx, num_data)
 
-    monkeypatch.setattr(gaps_module, "fit_trusted", counting_fit)
+    monkeypatch.setattr(local_fit_module, "fit_trusted", counting_fit)
     monkeypatch.setattr(LocalNormal, "forward", counting_forward)
     encoder = LinearEncoder(10, 2).double()
     report = ppl_vae.gaps(model, encoder, x, num_samples=10, local_steps=40, seed=0,
                           progress=False)
     assert len(fits) == 1
     noised, steps, fit_forwards = fits[0]
-    # The fit trains the local guide wrapped in its per-row draws (ppl_vae.local_fit).
+    # The fit trains the local guide wrapped in its per-row draws (ppl_vae.row_convergence).
     guide = noised.guide
     assert isinstance(guide, LocalNormal) and guide.loc.shape == (1000, 2)
     assert steps == report.local_steps == 40
@@ -219,7 +220,7 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
 )
 def test_family_mismatch_is_refused(ppca_truth, encoder, local, monkeypatch):
     model, x = ppca_truth
-    monkeypatch.setattr(gaps_module, "fit", None)  # refused before any fitting
+    monkeypatch.setattr(local_fit_module, "fit_trusted", None)  # refused before any fitting
     with pytest.raises(ValueError, match="family"):
         ppl_vae.gaps(model, encoder.double(), x[:20], local=local, progress=False)
 

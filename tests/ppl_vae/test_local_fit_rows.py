@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import ppl_vae
-from ppl_vae.local_fit import RowAdam, row_noise
 from ppl_vae.models import VAE
+from ppl_vae.row_convergence import RowAdam, row_noise
 
-gaps_module = importlib.import_module("ppl_vae.gaps")
+gaps_module = importlib.import_module("ppl_vae.local_fit")
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def test_rows_fitted_alone_equal_rows_fitted_among_others(tiny_vae, family):
     # decayed and stopped at other steps than among 100, and came out different.
     model, x = tiny_vae
     kwargs = dict(steps=600, window=20, seed=3, progress=False)
-    alone, fit_alone = gaps_module._fit_local(model, x[:20], family, init_from=None, lr=3e-2,
+    alone, fit_alone = gaps_module.fit_local_trusted(model, x[:20], family, init_from=None, lr=3e-2,
                                               num_particles=4, **kwargs)
-    among, fit_among = gaps_module._fit_local(model, x, family, init_from=None, lr=3e-2,
+    among, fit_among = gaps_module.fit_local_trusted(model, x, family, init_from=None, lr=3e-2,
                                               num_particles=4, **kwargs)
     for (name, a), (_, b) in zip(alone.named_parameters(), among.named_parameters(),
                                  strict=True):
