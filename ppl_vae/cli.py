@@ -38,10 +38,10 @@ from ppl_vae.gradients import GRADIENTS, check_gradient
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE, FactorAnalysis
 from ppl_vae.models.vae import LIKELIHOODS
-from ppl_vae.objectives import LR_SCHEDULES
+from ppl_vae.objectives import LR_SCHEDULES, OBJECTIVES
 from ppl_vae.seeding import check_seed
 from ppl_vae.surgery import ACTIVE_THRESHOLD
-from ppl_vae.train import OBJECTIVES, Interrupted
+from ppl_vae.train import Interrupted
 from ppl_vae.validation import one_of, positive_int, positive_number
 
 MODEL_CLASSES = {"vae": VAE, "ppca": PPCA, "fa": FactorAnalysis}

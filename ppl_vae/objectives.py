@@ -26,12 +26,13 @@ from collections.abc import Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from ppl_vae.guides.latent_space import is_latent_site
+from ppl_vae.validation import one_of
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 # "exponential" ends at this fraction of the initial rate (Burda et al.'s schedule
@@ -190,3 +191,33 @@ def _weighted_log_density(trace, data_scale: float) -> Tensor:
             )
         total = total + site["log_prob"] / data_scale
     return total
+
+
+OBJECTIVES = ("elbo", "iwae")
+
+
+def loss_of(loss, objective: str, num_particles: int) -> ELBO | None:
+    """The ELBO object that ``loss``/``objective``/``num_particles`` ask for (None:
+    fit's default, ``Trace_ELBO``)."""
+    one_of(objective, OBJECTIVES, "objective")
+    if loss is not None:
+        if objective != "elbo" or num_particles != 1:
+            raise ValueError("give loss= or objective=/num_particles=, not both")
+        return loss
+    if objective == "iwae":
+        return IWAE(num_particles)
+    if num_particles > 1:
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                          max_plate_nesting=1)
+    return None
+
+
+def make_optimizer(optimizer, params, lr):
+    """Adam over ``params`` by default, or ``optimizer`` (a class, or a factory)."""
+    if not params:
+        raise ValueError("there are no parameters to optimize")
+    if optimizer is None:
+        return torch.optim.Adam(params, lr=lr)
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer(params, lr=lr)
+    return optimizer(params)

@@ -25,7 +25,7 @@ from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.gradients import check_gradient, check_reparameterized, estimator
 from ppl_vae.interrupts import Interrupted, Signals
-from ppl_vae.objectives import IWAE, LR_SCHEDULES, Warmup, lr_factor
+from ppl_vae.objectives import LR_SCHEDULES, Warmup, loss_of, lr_factor, make_optimizer
 from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
 from ppl_vae.settings import frozen, module_local
@@ -33,7 +33,6 @@ from ppl_vae.structure import check_guide_covers, check_observed, check_supports
 from ppl_vae.traced import TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
-OBJECTIVES = ("elbo", "iwae")
 # Steps between the in-memory snapshots that a NaN rollback replays from.
 ANCHOR_EVERY = 100
 _KEYS = ("model", "guide", "optimizer", "step", "rng", "batches", "history", "step_seconds",
@@ -161,7 +160,7 @@ def fit(
     lr = positive_number(lr, "lr")
     check_gradient(gradient, objective=objective, custom_loss=loss is not None,
                    kl_warmup=kl_warmup)
-    loss = _loss_of(loss, objective, positive_int(num_particles, "num_particles"))
+    loss = loss_of(loss, objective, positive_int(num_particles, "num_particles"))
     if kl_warmup is not None:
         kl_warmup = positive_int(kl_warmup, "kl_warmup")
     if not callable(lr_schedule):
@@ -220,7 +219,7 @@ def fit_trusted(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     warmup = Warmup(model, guide, kl_warmup, x.device) if kl_warmup else None
     loss_fn = loss(warmup.model, warmup.guide) if warmup else loss(model, guide)
     params = list((loss_fn if train_model else guide).parameters())
-    opt = _make_optimizer(optimizer, params, lr)
+    opt = make_optimizer(optimizer, params, lr)
     run = _Training(model, guide, opt, params, Batches(num_data, batch_size, seed, x.device),
                     total, signature, warmup=warmup, lr_schedule=lr_schedule,
                     clip_norm=clip_norm)
@@ -328,31 +327,6 @@ def _total_steps(epochs, num_steps, steps_per_epoch) -> int:
     if num_steps is not None:
         return positive_int(num_steps, "num_steps")
     return positive_int(epochs, "epochs") * steps_per_epoch
-
-
-def _loss_of(loss, objective: str, num_particles: int) -> ELBO | None:
-    """The ELBO object that ``loss``/``objective``/``num_particles`` ask for."""
-    one_of(objective, OBJECTIVES, "objective")
-    if loss is not None:
-        if objective != "elbo" or num_particles != 1:
-            raise ValueError("give loss= or objective=/num_particles=, not both")
-        return loss
-    if objective == "iwae":
-        return IWAE(num_particles)
-    if num_particles > 1:
-        return Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                          max_plate_nesting=1)
-    return None
-
-
-def _make_optimizer(optimizer, params, lr):
-    if not params:
-        raise ValueError("there are no parameters to optimize")
-    if optimizer is None:
-        return torch.optim.Adam(params, lr=lr)
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        return optimizer(params, lr=lr)
-    return optimizer(params)
 
 
 def _finite(params) -> bool:
