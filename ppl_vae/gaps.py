@@ -307,6 +307,9 @@ def gaps(
     seed = check_seed(seed)
     model, guide = as_programs(model, guide, x, plate=plate)
     space = check_structure(model, x[:1])
+    # A guide that cannot be a proposal (a point mass, missing sites) is refused before
+    # the local fit, not after it.
+    check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
@@ -315,9 +318,6 @@ def gaps(
         positive_int(ais_steps, "ais_steps")
         positive_int(ais_chains, "ais_chains")
     family = local_family(guide, x, local, match_family)
-    # A guide that cannot be a proposal (a point mass, missing sites) is refused before
-    # the local fit, not after it.
-    check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
     local_guide, fitted = fit_local_trusted(
         model, x, family, init_from=guide, steps=local_steps, lr=local_lr,
         num_particles=local_particles, progress=progress, seed=seed,
