@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.distributions.utils import vec_to_tril_matrix
 
 from ppl_vae.models.blocks import ACTIVATIONS, MLP, data_plate, network, positive_dim
+from ppl_vae.models.distributions import Normal
 
 COVARIANCES = ("diag", "full")
 
@@ -83,7 +84,7 @@ class LinearEncoder(PyroModule):
         """
         loc = network(self, "loc")(x)
         if self.covariance == "diag":
-            return dist.Normal(loc, self.raw_scale.exp()).to_event(1)
+            return Normal(loc, self.raw_scale.exp()).to_event(1)
         return dist.MultivariateNormal(loc, scale_tril=self.scale_tril())
 
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
@@ -177,7 +178,7 @@ class MLPEncoder(PyroModule):
         loc, raw_scale, *lower = network(self, "net")(x)
         scale = F.softplus(raw_scale) + SCALE_FLOOR
         if self.covariance == "diag":
-            return dist.Normal(loc, scale).to_event(1)
+            return Normal(loc, scale).to_event(1)
         scale_tril = torch.diag_embed(scale)
         if lower:
             scale_tril = scale_tril + vec_to_tril_matrix(lower[0], diag=-1)
@@ -350,7 +351,7 @@ class FlowEncoder(PyroModule):
         for layer in trunk:
             h = layer(h)
         loc, raw_scale = head(h).split(self.latent_dim, dim=-1)
-        base = dist.Normal(loc, F.softplus(raw_scale) + SCALE_FLOOR).to_event(1)
+        base = Normal(loc, F.softplus(raw_scale) + SCALE_FLOOR).to_event(1)
         return base, h
 
     def base_distribution(self, x: Tensor) -> dist.Independent:

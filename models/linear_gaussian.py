@@ -16,6 +16,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ppl_vae.models.blocks import data_plate, positive_dim
+from ppl_vae.models.distributions import Normal
 
 
 class LinearGaussian(PyroModule):
@@ -38,10 +39,10 @@ class LinearGaussian(PyroModule):
         noise_scale = self.noise_variance().sqrt()
         with data_plate(x, idx, num_data):
             z = pyro.sample(
-                "z", dist.Normal(W.new_zeros(self.latent_dim), 1.0).to_event(1)
+                "z", Normal(W.new_zeros(self.latent_dim), 1.0).to_event(1)
             )
             x_loc = z @ W.T + mu
-            return pyro.sample("x", dist.Normal(x_loc, noise_scale).to_event(1), obs=x)
+            return pyro.sample("x", Normal(x_loc, noise_scale).to_event(1), obs=x)
 
     def marginal(self) -> dist.MultivariateNormal:
         """The exact marginal p(x) = N(mu, W W^T + diag(noise_variance)).

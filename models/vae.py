@@ -19,6 +19,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ppl_vae.models.blocks import MLP, data_plate, network, positive_dim
+from ppl_vae.models.distributions import Bernoulli, Normal
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -97,14 +98,14 @@ class VAE(PyroModule):
         self, x: Tensor | None = None, idx: Tensor | None = None, num_data: int | None = None
     ) -> Tensor:
         with data_plate(x, idx, num_data):
-            z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+            z = pyro.sample("z", Normal(self.prior_loc, self.prior_scale).to_event(1))
             return pyro.sample("x", self._likelihood(network(self, "decoder")(z)), obs=x)
 
     def _likelihood(self, out: Tensor) -> dist.TorchDistribution:
         """p(x | z) from the decoder's output f(z) of shape (..., D)."""
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
-        return dist.Normal(out, self.noise_scale()).to_event(1)
+            return Bernoulli(logits=out).to_event(1)
+        return Normal(out, self.noise_scale()).to_event(1)
 
     def noise_scale(self) -> Tensor:
         """The Gaussian likelihood's scale sigma per data dimension, shape (D,)."""

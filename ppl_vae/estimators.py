@@ -22,6 +22,8 @@ result (:mod:`ppl_vae.distributed`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ppl_vae.block_noise import BlockNoise, Group, gaussian_latents, group_size, groups
 from ppl_vae.densities import log_density, refuse_nan
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.programs import as_programs
@@ -320,36 +323,93 @@ class Job:
         for number, start in enumerate(range(0, self.num_samples, size)):
             yield number, start, min(size, self.num_samples - start)
 
-    def blocks(self) -> list:
-        """This process's blocks of rows (all of them without torch.distributed)."""
-        return my_share(list(blocks(self.idx)))
+    @functools.cached_property
+    def my_groups(self) -> list[Group]:
+        """This process's groups of row blocks (all of them without torch.distributed)."""
+        return self._shares[0]
+
+    @functools.cached_property
+    def _shares(self) -> tuple[list[Group], list[Group]]:
+        """(groups this process owns, groups it runs). A process that owns none runs one
+        it does not own, its results discarded, so that every process learns what a call
+        returns (its sites, their shapes) as the others do."""
+        width, samples = self.x.shape[1], min(self.num_samples, sample_block(self.x.shape[1]))
+        size = group_size(width, samples)
+        if size > 1 and not self._gaussian_proposal():
+            size = 1
+        every = groups(list(blocks(self.idx)), size)
+        owned = my_share(every)
+        return owned, owned or every[:1]
+
+    def _gaussian_proposal(self) -> bool:
+        proposal = self.guide if self.proposal == "guide" else self.model
+        x, idx = self.x[:1], self.idx[:1]
+        with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
+            return gaussian_latents(poutine.trace(proposal).get_trace(x, idx, self.num_data))
 
     def mine(self) -> Tensor:
         """Which rows this process computes, BoolTensor of shape (N,)."""
         mask = torch.zeros(len(self.x), dtype=torch.bool)
-        for block in self.blocks():
-            mask[block.positions] = True
+        for group in self.my_groups:
+            mask[group.positions()] = True
         return mask
+
+    def calls(self) -> Iterator[Call]:
+        """Every seeded call of the model: a group of row blocks and a sample block."""
+        groups_ = self._shares[1]
+        total = len(groups_) * math.ceil(self.num_samples / sample_block(self.x.shape[1]))
+        bar = tqdm(total=total, disable=not self.progress or total < PROGRESS_UNITS,
+                   desc="importance sampling", unit="block")
+        with bar:
+            for group in groups_:
+                rows = group.rows().to(self.x.device)
+                real, positions = group.real().to(self.x.device), group.positions()
+                xb, ib = self.x[rows], self.idx[rows]
+                for number, start, k in self.sample_slices():
+                    yield Call(self, group, number, xb, ib, real, positions.to(self.x.device),
+                               slice(start, start + k))
+                    bar.update()
 
     def units(self) -> Iterator[tuple[Tensor, slice, Tensor]]:
         """(row positions, sample slice, log weights [S, rows]) for every seeded unit.
 
         The caller's random state is restored afterwards.
         """
-        blocks_ = self.blocks()
-        total = len(blocks_) * math.ceil(self.num_samples / sample_block(self.x.shape[1]))
-        bar = tqdm(total=total, disable=not self.progress or total < PROGRESS_UNITS,
-                   desc="importance sampling", unit="block")
-        with bar, caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
-            for block in blocks_:
-                rows = block.rows.to(self.x.device)
-                positions = block.positions.to(self.x.device)
-                xb, ib = self.x[rows], self.idx[rows]
-                for number, start, k in self.sample_slices():
-                    seed_torch(self.seed, block.number, number)
-                    lw = _unit(self.model, self.guide, xb, ib, self.num_data, k, self.proposal)
-                    yield positions, slice(start, start + k), lw[:, block.real.to(lw.device)]
-                    bar.update()
+        with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
+            for call in self.calls():
+                with call.drawing():
+                    lw = _unit(self.model, self.guide, call.x, call.idx, self.num_data,
+                               call.num_samples, self.proposal)
+                yield call.positions, call.samples, lw[:, call.real]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One seeded call: ``x``/``idx`` the group's padded rows, ``real`` its slots that hold
+    their own row (at call ``positions``), ``samples`` the slice of K it draws."""
+
+    job: Job
+    group: Group
+    number: int
+    x: Tensor
+    idx: Tensor
+    real: Tensor
+    positions: Tensor
+    samples: slice
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples.stop - self.samples.start
+
+    def drawing(self):
+        """The context in which the call's draws are made (see :mod:`ppl_vae.block_noise`)."""
+        members = self.group.members
+        if len(members) == 1:
+            seed_torch(self.job.seed, members[0].number, self.number)
+            return contextlib.nullcontext()
+        # Stray draws (none in a Gaussian proposal) are seeded too, per group.
+        seed_torch(self.job.seed, -1 - self.group.number, self.number)
+        return BlockNoise(self.group, self.job.seed, self.number, self.x.device)
 
 
 def sample_block(data_dim: int) -> int:

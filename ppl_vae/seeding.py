@@ -115,15 +115,26 @@ def blocks(idx: Tensor) -> Iterator[Block]:
 def _layers(number: int, members: Tensor, slots: Tensor) -> Iterator[Block]:
     remaining_members, remaining_slots = members, slots
     while len(remaining_members):
+        keep = _first_of_each_slot(remaining_slots)
         taken = torch.zeros(ROW_BLOCK, dtype=torch.bool)
-        keep = torch.zeros(len(remaining_members), dtype=torch.bool)
-        for i, slot in enumerate(remaining_slots.tolist()):
-            if not taken[slot]:
-                taken[slot], keep[i] = True, True
+        taken[remaining_slots[keep]] = True
         rows = torch.full((ROW_BLOCK,), int(remaining_members[keep][0]))
         rows[remaining_slots[keep]] = remaining_members[keep]
         yield Block(number, rows, taken, rows[taken])
         remaining_members, remaining_slots = remaining_members[~keep], remaining_slots[~keep]
+
+
+def _first_of_each_slot(slots: Tensor) -> Tensor:
+    """Marks the first occurrence of each slot number (a later copy waits a layer)."""
+    if len(torch.unique(slots)) == len(slots):  # the common case: no index twice
+        return torch.ones(len(slots), dtype=torch.bool)
+    keep = torch.zeros(len(slots), dtype=torch.bool)
+    seen: set[int] = set()
+    for i, slot in enumerate(slots.tolist()):
+        if slot not in seen:
+            seen.add(slot)
+            keep[i] = True
+    return keep
 
 
 @contextlib.contextmanager

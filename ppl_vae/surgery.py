@@ -47,7 +47,7 @@ from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered
 from ppl_vae.estimators import Job, mean_se
 from ppl_vae.guides.latent_space import LatentSpace
-from ppl_vae.seeding import caller_rng_kept, seed_torch
+from ppl_vae.seeding import caller_rng_kept
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_structure, is_point_mass
 from ppl_vae.surgery_report import SurgeryReport, plot_kl_per_dim
@@ -159,14 +159,11 @@ def _draw(job: Job, space: LatentSpace) -> _Drawn:
                  exact_mean=torch.full((n, d), math.nan, **new),
                  kl_dim_sum=torch.zeros(n, d, **new), methods={}, infer={}, mine=job.mine())
     with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
-        for block in job.blocks():
-            rows, positions = block.rows.to(job.x.device), block.positions.to(job.x.device)
-            real = block.real.to(job.x.device)
-            for number, start, size in job.sample_slices():
-                seed_torch(job.seed, block.number, number)
-                guide_trace, model_trace = _traces(job, job.x[rows], job.idx[rows], size)
-                _keep(out, space, guide_trace, model_trace, slice(start, start + size),
-                      positions, real, k)
+        for call in job.calls():
+            with call.drawing():
+                guide_trace, model_trace = _traces(job, call.x, call.idx, call.num_samples)
+            _keep(out, space, guide_trace, model_trace, call.samples, call.positions,
+                  call.real, k)
     for name in ("log_lik", "log_prior", "log_q"):
         setattr(out, name, gathered(getattr(out, name), out.mine, dim=1))
     for name in ("value_sum", "value_square_sum", "kl_dim_sum"):
@@ -296,7 +293,7 @@ def _aggregate(job: Job, drawn: _Drawn, chunk_size: int):
     own = mine.nonzero().squeeze(1).to(job.x.device)
     pairs_k = torch.arange(k, device=job.x.device).repeat_interleave(len(own))
     pairs_n = own.repeat(k)
-    draws_per_call = min(DRAW_BLOCK, chunk_size, len(pairs_n))
+    draws_per_call = max(1, min(DRAW_BLOCK, chunk_size, len(pairs_n)))  # 0 rows: none
     rows_per_call = max(1, chunk_size // draws_per_call)
     log_qbar = torch.zeros(k, n, dtype=torch.float64, device=job.x.device)
     own_score = torch.zeros_like(log_qbar)
