@@ -29,10 +29,10 @@ from ppl_vae.estimators import (
     pareto_khat,
 )
 from ppl_vae.local_fit import fit_local_trusted, local_family
-from ppl_vae.programs import as_programs
+from ppl_vae.programs import as_checked_programs
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import module_local
-from ppl_vae.structure import check_guide, check_structure, described
+from ppl_vae.structure import described
 from ppl_vae.validation import as_data, one_of, positive_int
 
 # Per-datapoint quantities of a GapReport, each with a standard error "<name>_se".
@@ -305,11 +305,9 @@ def gaps(
     """
     x = as_data(x, model)
     seed = check_seed(seed)
-    model, guide = as_programs(model, guide, x, plate=plate)
-    space = check_structure(model, x[:1])
     # A guide that cannot be a proposal (a point mass, missing sites) is refused before
     # the local fit, not after it.
-    check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
+    model, guide, space = as_checked_programs(model, guide, x, plate=plate)
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
@@ -320,17 +318,11 @@ def gaps(
     family = local_family(guide, x, local, match_family)
     local_guide, fitted = fit_local_trusted(
         model, x, family, init_from=guide, steps=local_steps, lr=local_lr,
-        num_particles=local_particles, progress=progress, seed=seed,
+        num_particles=local_particles, progress=progress, seed=seed, space=space,
     )
-    eval_seed = evaluation_seed(seed)
-    lw_local = log_weights_trusted(model, local_guide, x, num_samples, eval_seed)
-    lw_amortized = log_weights_trusted(model, guide, x, num_samples, eval_seed)
     settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
-    estimate, px_influence, extra_se = _log_px(model, space, x, lw_local, method, local_guide,
-                                               settings, eval_seed, progress)
-    per = _per_datapoint(estimate, px_influence, lw_local, lw_amortized)
-    for name in ("log_px_se", "approximation_gap_se", "inference_gap_se"):
-        per[name] = torch.hypot(per[name], extra_se)
+    per = _estimates(model, (local_guide, guide), space, x, method, settings, num_samples,
+                     evaluation_seed(seed), progress)
     report = GapReport.from_per_datapoint(
         per, log_px_method=method, local_family=family, num_samples=num_samples,
         local_steps=fitted.num_steps, log_px_settings=settings,
@@ -379,18 +371,40 @@ def _log_px_method(model, log_px: str) -> str:
     return {"is": "importance"}.get(log_px, log_px)
 
 
-def _log_px(model, space, x, lw_local, method, local_guide, settings, seed, progress):
-    """log p(x) per datapoint, its per-sample influence [K, N] on the paired errors, and
-    a standard error independent of those samples (AIS), shape (N,)."""
-    no_extra = torch.zeros_like(lw_local[0])
+def _estimates(model, guides, space, x, method, settings, num_samples, seed, progress):
+    """Per-datapoint estimates and their paired standard errors (see :func:`_per_datapoint`).
+
+    log p(x) comes first where it needs x beyond the weights (the closed form, or AIS
+    from the local guides); then the local and the amortized guides' [K, N] log-weights,
+    drawn with the same seeded eps. Each is seeded on its own, so the order changes no
+    number.
+    """
+    local_guide, guide = guides
+    exact = annealed = None
     if method == "exact":
         with torch.no_grad():
-            exact = model.marginal().log_prob(x).to(lw_local)
-        return exact, torch.zeros_like(lw_local), no_extra
-    if method == "ais":
-        result = ais_trusted(model, local_guide, space, x, seed=seed, progress=progress,
-                             **settings)
-        return result.log_marginal, torch.zeros_like(lw_local), result.log_marginal_se
+            exact = model.marginal().log_prob(x)
+    elif method == "ais":
+        annealed = ais_trusted(model, local_guide, space, x, seed=seed, progress=progress,
+                               **settings)
+    lw_local = log_weights_trusted(model, local_guide, x, num_samples, seed)
+    lw_amortized = log_weights_trusted(model, guide, x, num_samples, seed)
+    estimate, px_influence, extra_se = _log_px(lw_local, exact, annealed)
+    per = _per_datapoint(estimate, px_influence, lw_local, lw_amortized)
+    for name in ("log_px_se", "approximation_gap_se", "inference_gap_se"):
+        per[name] = torch.hypot(per[name], extra_se)
+    return per
+
+
+def _log_px(lw_local, exact, annealed):
+    """log p(x) per datapoint, its per-sample influence [K, N] on the paired errors, and
+    a standard error independent of those samples (AIS), shape (N,): from the closed
+    form ``exact``, the AIS result ``annealed``, or else importance sampling."""
+    no_extra = torch.zeros_like(lw_local[0])
+    if exact is not None:
+        return exact.to(lw_local), torch.zeros_like(lw_local), no_extra
+    if annealed is not None:
+        return annealed.log_marginal, torch.zeros_like(lw_local), annealed.log_marginal_se
     log_px = torch.logsumexp(lw_local, 0) - math.log(len(lw_local))
     # Delta method: log mean(w) moves by (w_k / mean(w) - 1) / K per sample.
     return log_px, (lw_local - log_px).exp(), no_extra
