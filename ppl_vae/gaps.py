@@ -217,90 +217,32 @@ def gaps(
 ) -> GapReport:
     """Split the encoder's inference gap into approximation and amortization gaps.
 
-    Fits a local guide of the encoder's family over every latent site of the model
-    (one vectorized fit, started from the encoder so that L[q*] >= L[q] up to noise
-    where the encoder can be copied), then estimates per datapoint log p(x), L[q*]
-    and L[q] from K samples each.
-
-    Both ELBOs use the same random draws (common random numbers: with
-    reparameterized Gaussians, z = m + L eps with the same eps), so their difference,
-    the amortization gap, is estimated far more precisely than either ELBO; every
-    standard error is computed from the paired samples, so it stays honest.
-
-    Where the local fit starts (see :func:`fit_local`, ``init_from``): a Gaussian
-    encoder of a single real latent site is copied, exactly for ``"full"`` and
-    ``"flow"`` (its nonlinear layers at the identity) and in its marginal variances
-    for ``"diag"``. Any other encoder (a flow encoder, several sites, constrained
-    supports, a user's own guide) starts each row at the mean and covariance of 64 of
-    the encoder's draws of the unconstrained latents for that datapoint. (For a flow
-    encoder that is closer to q than its Gaussian base, which its conditional layers
-    may have moved and reshaped; the local flow cannot copy those layers.)
+    Fits q* of the encoder's family per datapoint (from the encoder, model frozen), then
+    estimates log p(x), L[q*] and L[q] per datapoint from K paired draws; a GapReport.
 
     Parameters
     ----------
-    model, guide : PyroModule
-        ``guide`` is an amortized encoder of any family; it must have a site for each
-        of the model's latents and a density (no point mass).
+    model, guide : PyroModule or Pyro program
+        ``guide``: an encoder with a density for each of the model's latents.
     x : Tensor or ndarray of shape (N, D)
     local : {"diag", "full", "flow"}, optional
-        Family of the local guide; by default the encoder's, read from its ``family``
-        attribute, or else from its trace (a single Normal site is ``"diag"``, a
-        MultivariateNormal ``"full"``). A guide whose family cannot be read (several
-        sites, a user's own guide) needs ``local``. The decomposition needs the two
-        to match: a diagonal encoder against a full-covariance q* would count the
-        family's shortfall as an amortization gap.
+        The family of q*; by default the encoder's (``match_family=False`` to differ).
     num_samples : int
-        K, samples per datapoint for each estimate.
-    local_steps, local_lr, local_particles : optional
-        ``steps``, ``lr`` and ``num_particles`` of :func:`fit_local`.
-    match_family : bool
-        False allows ``local`` to differ from the encoder's family.
+        K, samples per datapoint of every estimate.
     log_px : {"auto", "exact", "is", "ais"}
-        How log p(x) is computed. ``"exact"``: the model's closed-form ``marginal()``.
-        ``"is"``: importance sampling with the K draws of the fitted local guide.
-        ``"ais"``: :func:`ppl_vae.ais` started from the fitted local guide, with
-        ``ais_steps`` distributions and ``ais_chains`` chains (its standard error is
-        added in quadrature to those of log p(x) and of the gaps that use it).
-        ``"auto"``: exact when the model has ``marginal()``, else importance sampling,
-        with a warning recommending ``"ais"`` when the mean PSIS k-hat exceeds 0.7.
-    ais_steps, ais_chains : int
-        ``num_steps`` and ``num_chains`` of AIS for ``log_px="ais"``, started from the
-        fitted local guides; the defaults (100 x 16) are chosen for speed (the README's
-        AIS section has their accuracy on the digits VAE). Check a budget on your own
-        model with :func:`ppl_vae.bdmc` on simulated data.
-    seed : int, optional
-        Seeds the local fit and the estimates.
-    progress : bool
-        Show the local fit's progress bar.
-
-    Returns
-    -------
-    GapReport
-
-    Raises
-    ------
-    ValueError
-        On bad input, an unknown ``local``, an encoder without a density or without a
-        local counterpart (unless ``local`` is given), an encoder whose family cannot be
-        read and no ``local``, or when ``local`` does not match the encoder's family
-        (unless ``match_family=False``); all before any fitting.
+        "auto": exact where the model has ``marginal()``, else importance sampling.
+    local_steps, local_lr, local_particles, ais_steps, ais_chains, seed, progress, plate
+        The local fit's budget (see :func:`ppl_vae.fit_local`), AIS's for
+        ``log_px="ais"``, the seed, the progress bar, and the data plate's name.
 
     Examples
     --------
     >>> import torch, ppl_vae
-    >>> from ppl_vae.models import PPCA
-    >>> from ppl_vae.guides import LinearEncoder
-    >>> _ = torch.manual_seed(0)
-    >>> x = torch.randn(16, 2) @ torch.randn(2, 5) + torch.randn(16, 5)
-    >>> model, guide = PPCA.from_data(x, latent_dim=2), LinearEncoder(5, 2)
-    >>> report = ppl_vae.gaps(model, guide, x, local="diag", local_steps=200, num_samples=200,
-    ...                       seed=0, progress=False)
-    >>> report.log_px_method  # PPCA has a closed-form log p(x)
-    'exact'
-    >>> gap_sum = report.approximation_gap + report.amortization_gap
-    >>> bool(abs(gap_sum - report.inference_gap) < 1e-6)
-    True
-    >>> bool(report.amortization_gap > 0)  # an untrained encoder misses the best member
+    >>> from ppl_vae.models import PPCA; from ppl_vae.guides import LinearEncoder
+    >>> x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    >>> r = ppl_vae.gaps(PPCA.from_data(x, latent_dim=2), LinearEncoder(5, 2), x,
+    ...                  local_steps=200, num_samples=200, seed=0, progress=False)
+    >>> bool(abs(r.approximation_gap + r.amortization_gap - r.inference_gap) < 1e-6)
     True
     """
     x = as_data(x, model)

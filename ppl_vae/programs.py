@@ -66,9 +66,8 @@ def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
 
     The boundary of a call that estimates per datapoint with ``guide`` as the proposal
     (:func:`ppl_vae.gaps`): :func:`as_model` and :func:`as_guide` on the rows ``x``,
-    then the model's structure (:func:`~ppl_vae.structure.check_structure`) and the
-    guide as a proposal (:func:`~ppl_vae.structure.check_guide`), in that order, so the
-    engine below trusts both.
+    then the model's structure (``structure.check_structure``) and the guide as a
+    proposal (``structure.check_guide``), in that order, so the engine below trusts both.
     """
     with caller_rng_kept():
         model = as_model(model, x, plate=plate)
