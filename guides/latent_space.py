@@ -100,11 +100,12 @@ class LatentSpace:
             with torch.no_grad(), pyro.validation_enabled(False):
                 trace = poutine.trace(model).get_trace(x[:1], first, num_data)
         except (ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"{_described(model)} fails on a single datapoint ({error}); check that "
-                f"every per-datapoint site is inside the {DATA_PLATE!r} plate and declares "
-                "its event dims with .to_event(n)"
-            ) from error
+            raise ValueError(fails_on_one_row(model, error)) from error
+        return cls.of_trace(model, trace)
+
+    @classmethod
+    def of_trace(cls, model, trace):
+        """The latent space read from a trace of ``model`` on one datapoint (see :meth:`of`)."""
         sites = tuple(_latent_site(name, site) for name, site in _latent_nodes(trace))
         if not sites:
             raise ValueError(
@@ -173,6 +174,15 @@ class LatentSpace:
             values[site.name] = value
             log_dets[site.name] = _sum_to(site.transform.log_abs_det_jacobian(piece, value), batch)
         return values, log_dets
+
+
+def fails_on_one_row(model, error: Exception) -> str:
+    """The message for a model whose trace on one datapoint raised ``error``."""
+    return (
+        f"{_described(model)} fails on a single datapoint ({error}); check that every "
+        f"per-datapoint site is inside the {DATA_PLATE!r} plate and declares its event "
+        "dims with .to_event(n)"
+    )
 
 
 def _described(model) -> str:

@@ -29,10 +29,10 @@ from ppl_vae.estimators import (
     pareto_khat,
 )
 from ppl_vae.local_fit import fit_local_trusted, local_family
-from ppl_vae.programs import as_programs
+from ppl_vae.programs import as_checked_programs
 from ppl_vae.seeding import check_seed
 from ppl_vae.settings import module_local
-from ppl_vae.structure import check_guide, check_structure, described
+from ppl_vae.structure import described
 from ppl_vae.validation import as_data, one_of, positive_int
 
 # Per-datapoint quantities of a GapReport, each with a standard error "<name>_se".
@@ -217,99 +217,39 @@ def gaps(
 ) -> GapReport:
     """Split the encoder's inference gap into approximation and amortization gaps.
 
-    Fits a local guide of the encoder's family over every latent site of the model
-    (one vectorized fit, started from the encoder so that L[q*] >= L[q] up to noise
-    where the encoder can be copied), then estimates per datapoint log p(x), L[q*]
-    and L[q] from K samples each.
-
-    Both ELBOs use the same random draws (common random numbers: with
-    reparameterized Gaussians, z = m + L eps with the same eps), so their difference,
-    the amortization gap, is estimated far more precisely than either ELBO; every
-    standard error is computed from the paired samples, so it stays honest.
-
-    Where the local fit starts (see :func:`fit_local`, ``init_from``): a Gaussian
-    encoder of a single real latent site is copied, exactly for ``"full"`` and
-    ``"flow"`` (its nonlinear layers at the identity) and in its marginal variances
-    for ``"diag"``. Any other encoder (a flow encoder, several sites, constrained
-    supports, a user's own guide) starts each row at the mean and covariance of 64 of
-    the encoder's draws of the unconstrained latents for that datapoint. (For a flow
-    encoder that is closer to q than its Gaussian base, which its conditional layers
-    may have moved and reshaped; the local flow cannot copy those layers.)
+    Fits q* of the encoder's family per datapoint (from the encoder, model frozen), then
+    estimates log p(x), L[q*] and L[q] per datapoint from K paired draws; a GapReport.
 
     Parameters
     ----------
-    model, guide : PyroModule
-        ``guide`` is an amortized encoder of any family; it must have a site for each
-        of the model's latents and a density (no point mass).
+    model, guide : PyroModule or Pyro program
+        ``guide``: an encoder with a density for each of the model's latents.
     x : Tensor or ndarray of shape (N, D)
     local : {"diag", "full", "flow"}, optional
-        Family of the local guide; by default the encoder's, read from its ``family``
-        attribute, or else from its trace (a single Normal site is ``"diag"``, a
-        MultivariateNormal ``"full"``). A guide whose family cannot be read (several
-        sites, a user's own guide) needs ``local``. The decomposition needs the two
-        to match: a diagonal encoder against a full-covariance q* would count the
-        family's shortfall as an amortization gap.
+        The family of q*; by default the encoder's (``match_family=False`` to differ).
     num_samples : int
-        K, samples per datapoint for each estimate.
-    local_steps, local_lr, local_particles : optional
-        ``steps``, ``lr`` and ``num_particles`` of :func:`fit_local`.
-    match_family : bool
-        False allows ``local`` to differ from the encoder's family.
+        K, samples per datapoint of every estimate.
     log_px : {"auto", "exact", "is", "ais"}
-        How log p(x) is computed. ``"exact"``: the model's closed-form ``marginal()``.
-        ``"is"``: importance sampling with the K draws of the fitted local guide.
-        ``"ais"``: :func:`ppl_vae.ais` started from the fitted local guide, with
-        ``ais_steps`` distributions and ``ais_chains`` chains (its standard error is
-        added in quadrature to those of log p(x) and of the gaps that use it).
-        ``"auto"``: exact when the model has ``marginal()``, else importance sampling,
-        with a warning recommending ``"ais"`` when the mean PSIS k-hat exceeds 0.7.
-    ais_steps, ais_chains : int
-        ``num_steps`` and ``num_chains`` of AIS for ``log_px="ais"``, started from the
-        fitted local guides; the defaults (100 x 16) are chosen for speed (the README's
-        AIS section has their accuracy on the digits VAE). Check a budget on your own
-        model with :func:`ppl_vae.bdmc` on simulated data.
-    seed : int, optional
-        Seeds the local fit and the estimates.
-    progress : bool
-        Show the local fit's progress bar.
-
-    Returns
-    -------
-    GapReport
-
-    Raises
-    ------
-    ValueError
-        On bad input, an unknown ``local``, an encoder without a density or without a
-        local counterpart (unless ``local`` is given), an encoder whose family cannot be
-        read and no ``local``, or when ``local`` does not match the encoder's family
-        (unless ``match_family=False``); all before any fitting.
+        "auto": exact where the model has ``marginal()``, else importance sampling.
+    local_steps, local_lr, local_particles, ais_steps, ais_chains, seed, progress, plate
+        The local fit's budget (see :func:`ppl_vae.fit_local`), AIS's for
+        ``log_px="ais"``, the seed, the progress bar, and the data plate's name.
 
     Examples
     --------
     >>> import torch, ppl_vae
-    >>> from ppl_vae.models import PPCA
-    >>> from ppl_vae.guides import LinearEncoder
-    >>> _ = torch.manual_seed(0)
-    >>> x = torch.randn(16, 2) @ torch.randn(2, 5) + torch.randn(16, 5)
-    >>> model, guide = PPCA.from_data(x, latent_dim=2), LinearEncoder(5, 2)
-    >>> report = ppl_vae.gaps(model, guide, x, local="diag", local_steps=200, num_samples=200,
-    ...                       seed=0, progress=False)
-    >>> report.log_px_method  # PPCA has a closed-form log p(x)
-    'exact'
-    >>> gap_sum = report.approximation_gap + report.amortization_gap
-    >>> bool(abs(gap_sum - report.inference_gap) < 1e-6)
-    True
-    >>> bool(report.amortization_gap > 0)  # an untrained encoder misses the best member
+    >>> from ppl_vae.models import PPCA; from ppl_vae.guides import LinearEncoder
+    >>> x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    >>> r = ppl_vae.gaps(PPCA.from_data(x, latent_dim=2), LinearEncoder(5, 2), x,
+    ...                  local_steps=200, num_samples=200, seed=0, progress=False)
+    >>> bool(abs(r.approximation_gap + r.amortization_gap - r.inference_gap) < 1e-6)
     True
     """
     x = as_data(x, model)
     seed = check_seed(seed)
-    model, guide = as_programs(model, guide, x, plate=plate)
-    space = check_structure(model, x[:1])
     # A guide that cannot be a proposal (a point mass, missing sites) is refused before
     # the local fit, not after it.
-    check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
+    model, guide, space = as_checked_programs(model, guide, x, plate=plate)
     num_samples = positive_int(num_samples, "num_samples")
     positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
@@ -320,17 +260,11 @@ def gaps(
     family = local_family(guide, x, local, match_family)
     local_guide, fitted = fit_local_trusted(
         model, x, family, init_from=guide, steps=local_steps, lr=local_lr,
-        num_particles=local_particles, progress=progress, seed=seed,
+        num_particles=local_particles, progress=progress, seed=seed, space=space,
     )
-    eval_seed = evaluation_seed(seed)
-    lw_local = log_weights_trusted(model, local_guide, x, num_samples, eval_seed)
-    lw_amortized = log_weights_trusted(model, guide, x, num_samples, eval_seed)
     settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
-    estimate, px_influence, extra_se = _log_px(model, space, x, lw_local, method, local_guide,
-                                               settings, eval_seed, progress)
-    per = _per_datapoint(estimate, px_influence, lw_local, lw_amortized)
-    for name in ("log_px_se", "approximation_gap_se", "inference_gap_se"):
-        per[name] = torch.hypot(per[name], extra_se)
+    per = _estimates(model, (local_guide, guide), space, x, method, settings, num_samples,
+                     evaluation_seed(seed), progress)
     report = GapReport.from_per_datapoint(
         per, log_px_method=method, local_family=family, num_samples=num_samples,
         local_steps=fitted.num_steps, log_px_settings=settings,
@@ -379,18 +313,40 @@ def _log_px_method(model, log_px: str) -> str:
     return {"is": "importance"}.get(log_px, log_px)
 
 
-def _log_px(model, space, x, lw_local, method, local_guide, settings, seed, progress):
-    """log p(x) per datapoint, its per-sample influence [K, N] on the paired errors, and
-    a standard error independent of those samples (AIS), shape (N,)."""
-    no_extra = torch.zeros_like(lw_local[0])
+def _estimates(model, guides, space, x, method, settings, num_samples, seed, progress):
+    """Per-datapoint estimates and their paired standard errors (see :func:`_per_datapoint`).
+
+    log p(x) comes first where it needs x beyond the weights (the closed form, or AIS
+    from the local guides); then the local and the amortized guides' [K, N] log-weights,
+    drawn with the same seeded eps. Each is seeded on its own, so the order changes no
+    number.
+    """
+    local_guide, guide = guides
+    exact = annealed = None
     if method == "exact":
         with torch.no_grad():
-            exact = model.marginal().log_prob(x).to(lw_local)
-        return exact, torch.zeros_like(lw_local), no_extra
-    if method == "ais":
-        result = ais_trusted(model, local_guide, space, x, seed=seed, progress=progress,
-                             **settings)
-        return result.log_marginal, torch.zeros_like(lw_local), result.log_marginal_se
+            exact = model.marginal().log_prob(x)
+    elif method == "ais":
+        annealed = ais_trusted(model, local_guide, space, x, seed=seed, progress=progress,
+                               **settings)
+    lw_local = log_weights_trusted(model, local_guide, x, num_samples, seed)
+    lw_amortized = log_weights_trusted(model, guide, x, num_samples, seed)
+    estimate, px_influence, extra_se = _log_px(lw_local, exact, annealed)
+    per = _per_datapoint(estimate, px_influence, lw_local, lw_amortized)
+    for name in ("log_px_se", "approximation_gap_se", "inference_gap_se"):
+        per[name] = torch.hypot(per[name], extra_se)
+    return per
+
+
+def _log_px(lw_local, exact, annealed):
+    """log p(x) per datapoint, its per-sample influence [K, N] on the paired errors, and
+    a standard error independent of those samples (AIS), shape (N,): from the closed
+    form ``exact``, the AIS result ``annealed``, or else importance sampling."""
+    no_extra = torch.zeros_like(lw_local[0])
+    if exact is not None:
+        return exact.to(lw_local), torch.zeros_like(lw_local), no_extra
+    if annealed is not None:
+        return annealed.log_marginal, torch.zeros_like(lw_local), annealed.log_marginal_se
     log_px = torch.logsumexp(lw_local, 0) - math.log(len(lw_local))
     # Delta method: log mean(w) moves by (w_k / mean(w) - 1) / K per sample.
     return log_px, (lw_local - log_px).exp(), no_extra

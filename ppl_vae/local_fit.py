@@ -157,7 +157,7 @@ def fit_local(
 
 
 def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
-               tol=1e-3, window=50, progress=True, seed=None) -> tuple:
+               tol=1e-3, window=50, progress=True, seed=None, space=None) -> tuple:
     """The fit behind fit_local and gaps, on data they have already checked (its own
     settings are checked here, once). Every row converges on its own (see
     :mod:`ppl_vae.row_convergence`)."""
@@ -168,7 +168,7 @@ def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, 
     seed = base_seed(check_seed(seed))
     batch_size = len(x) if batch_size is None else min(positive_int(batch_size, "batch_size"),
                                                        len(x))
-    guide = initial_local(model, x, family, init_from, seed=seed)
+    guide = initial_local(model, x, family, init_from, seed=seed, space=space)
     # Under torch.distributed each rank fits its own rows (see ppl_vae.local_elbo), with
     # fit's own sharding (DDP, minibatch shares) switched off by local_only; a rank
     # stops when the rows of every rank have stopped.
@@ -207,7 +207,7 @@ PRIOR_SAMPLES = 4096
 MOMENT_ROWS = 256
 
 
-def initial_local(model, x, family, init_from, *, seed=None):
+def initial_local(model, x, family, init_from, *, seed=None, space=None):
     """A local guide of ``family`` for every latent of ``model``, at its starting point.
 
     A Gaussian encoder of a single real site is copied (exactly where the family
@@ -215,9 +215,9 @@ def initial_local(model, x, family, init_from, *, seed=None):
     moments over u (see :func:`fit_local`). Row n's start depends only on (seed, x_n):
     the moments of a guide are drawn per block of rows, and the family's random
     parameters (a flow's coupling weights) are drawn block by block
-    (:func:`_row_seeded`).
+    (:func:`_row_seeded`). ``space``: the model's LatentSpace, when the caller has it.
     """
-    space = LatentSpace.of(model, x)
+    space = LatentSpace.of(model, x) if space is None else space
     cls = LOCAL_GUIDES[family]
     seed = base_seed(seed)
     q = None if init_from is None else _copyable_gaussian(init_from, x, space)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ppl_vae.autoguides import as_autoguide_view, is_autoguide
 from ppl_vae.guides.latent_space import DATA_PLATE
 from ppl_vae.seeding import caller_rng_kept
+from ppl_vae.structure import check_guide, check_structure
 
 _EXPECTED = (
     "a Pyro program: a function or bound method whose first argument is the data x "
@@ -58,6 +59,22 @@ def as_programs(model, guide, x: Tensor, *, plate: str | None = None,
         model = as_model(model, x, plate=plate)
         guide = as_guide(guide, model, x, num_data=num_data, proposal=proposal)
     return model, guide
+
+
+def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
+    """(model, guide, latent space): both in the engine's form, checked as a pair.
+
+    The boundary of a call that estimates per datapoint with ``guide`` as the proposal
+    (:func:`ppl_vae.gaps`): :func:`as_model` and :func:`as_guide` on the rows ``x``,
+    then the model's structure (``structure.check_structure``) and the guide as a
+    proposal (``structure.check_guide``), in that order, so the engine below trusts both.
+    """
+    with caller_rng_kept():
+        model = as_model(model, x, plate=plate)
+        guide = as_guide(guide, model, x)
+    space = check_structure(model, x[:1])
+    check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
+    return model, guide, space
 
 
 def follows_convention(program) -> bool:

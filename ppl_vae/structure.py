@@ -14,7 +14,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import constraints
 
-from ppl_vae.guides.latent_space import LatentSpace, is_latent_site
+from ppl_vae.guides.latent_space import LatentSpace, fails_on_one_row, is_latent_site
 from ppl_vae.validation import positive_int
 
 
@@ -53,8 +53,15 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
     LatentSpace
         The model's latent sites.
     """
-    space = LatentSpace.of(model, x, idx, num_data)
-    check_observed(model, x, idx, num_data)
+    # One trace serves both checks: x goes to no helper, and the model runs once.
+    first = None if idx is None else idx[:1]
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(x[:1], first, num_data)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(fails_on_one_row(model, error)) from error
+    space = LatentSpace.of_trace(model, trace)
+    _refuse_observed_shapes(trace)
     return space
 
 
@@ -70,6 +77,10 @@ def check_observed(model, x: Tensor, idx: Tensor | None = None, num_data=None) -
             "datapoint must be an event dim: declare them with .to_event(n), e.g. "
             "dist.Bernoulli(logits=...).to_event(1)"
         ) from error
+    _refuse_observed_shapes(trace)
+
+
+def _refuse_observed_shapes(trace) -> None:
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site):
             continue

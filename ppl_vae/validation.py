@@ -33,7 +33,8 @@ def as_data(x, model=None, *, name: str = "x", check_values: bool = True) -> Ten
                          f"values; move real data to a real device, e.g. {name}.to('cpu')")
     if not x.is_floating_point():
         x = x.float()
-    x = _to_model(x, model)
+    # The model's place is read apart from x, so that x is handed to no helper here.
+    x = x.to(**_place_of(model))
     if x.is_meta:
         raise ValueError(f"the model's parameters are on the meta device (no values), so {name} "
                          "cannot be scored: initialize or load them on a real device first")
@@ -54,13 +55,14 @@ def as_data(x, model=None, *, name: str = "x", check_values: bool = True) -> Ten
     return x
 
 
-def _to_model(x: Tensor, model) -> Tensor:
+def _place_of(model) -> dict:
+    """The device and dtype of the model's parameters ({} for none)."""
     if not isinstance(model, torch.nn.Module):
-        return x
+        return {}
     first = next(iter(model.parameters()), None)
     if first is None:
-        return x
-    return x.to(device=first.device, dtype=first.dtype)
+        return {}
+    return {"device": first.device, "dtype": first.dtype}
 
 
 def positive_int(value, name: str) -> int:

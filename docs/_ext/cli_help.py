@@ -42,9 +42,12 @@ class CliHelp(SphinxDirective):
     optional_arguments = 1
 
     def run(self):
+        from pathlib import Path
+
         import ppl_vae.cli
 
-        self.env.note_dependency(ppl_vae.cli.__file__)
+        for module in sorted(Path(ppl_vae.cli.__file__).parent.glob("*.py")):
+            self.env.note_dependency(str(module))
         command = self.arguments[0] if self.arguments else None
         try:
             text = help_text(command)

@@ -82,7 +82,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the arguments were checked")
 
-    monkeypatch.setattr(cli, "train", refuse)
+    monkeypatch.setattr(cli.training, "train", refuse)
     monkeypatch.setattr(cli.ppl_vae, "fit", refuse)
 
 
@@ -219,7 +219,7 @@ def test_unexpected_failures_keep_their_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "train", broken)
+    monkeypatch.setattr(cli.training, "train", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["fit", *TINY, "--out", str(tmp_path)])
 

@@ -24,7 +24,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the run was checked")
 
-    monkeypatch.setattr(cli, "train", refuse)
+    monkeypatch.setattr(cli.training, "train", refuse)
     monkeypatch.setattr(cli.ppl_vae, "fit", refuse)
 
 
@@ -146,9 +146,10 @@ def test_gaps_json_is_strict_json_and_reads_back(tmp_path):
 
 HOLD = """
 import sys, time
+from pathlib import Path
 from ppl_vae import cli
-cli.check_writable(cli.Path(sys.argv[1]))
-with cli.exclusive(cli.Path(sys.argv[1])):
+cli.check_writable(Path(sys.argv[1]))
+with cli.exclusive(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(60)
 """

@@ -19,7 +19,7 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from ppl_vae import data
+from ppl_vae import data_sources
 from ppl_vae.data import DatasetNotFoundError, dynamic_binarize, load_dataset
 from ppl_vae.simulate import sample_from_model
 
@@ -278,10 +278,10 @@ def local_mirror():
 
 @needs_shared
 def test_download_into_cache_with_md5_check(local_mirror, tmp_path, monkeypatch):
-    mnist = data._SOURCES["mnist"]
+    mnist = data_sources.SOURCES["mnist"]
     # A dead mirror first: the next one is tried.
     mirrors = ("http://127.0.0.1:1/", local_mirror + "mnist/")
-    monkeypatch.setitem(data._SOURCES, "mnist", replace(mnist, mirrors=mirrors))
+    monkeypatch.setitem(data_sources.SOURCES, "mnist", replace(mnist, mirrors=mirrors))
     x, y = load_dataset("mnist", "test", root=tmp_path / "nothing", return_labels=True)
     cached = tmp_path / "xdg_cache" / "ppl_vae" / "mnist"
     assert sorted(p.name for p in cached.iterdir()) == [
@@ -295,8 +295,8 @@ def test_download_into_cache_with_md5_check(local_mirror, tmp_path, monkeypatch)
 @needs_shared
 def test_download_rejects_a_wrong_md5(local_mirror, tmp_path, monkeypatch):
     # Fashion-MNIST's files served under MNIST's names: same names, other bytes.
-    wrong = replace(data._SOURCES["mnist"], mirrors=(local_mirror + "fashion_mnist/",))
-    monkeypatch.setitem(data._SOURCES, "mnist", wrong)
+    wrong = replace(data_sources.SOURCES["mnist"], mirrors=(local_mirror + "fashion_mnist/",))
+    monkeypatch.setitem(data_sources.SOURCES, "mnist", wrong)
     with pytest.raises(DatasetNotFoundError, match="md5"):
         load_dataset("mnist", "test", root=tmp_path / "nothing")
     cached = tmp_path / "xdg_cache" / "ppl_vae" / "mnist"

@@ -423,5 +423,5 @@ def test_the_cli_refuses_a_gradient_that_does_not_fit_before_training(tmp_path, 
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the arguments were checked")
 
-    monkeypatch.setattr(cli, "train", refuse)
+    monkeypatch.setattr(cli.training, "train", refuse)
     fails_in_one_line(["fit", *argv, "--quiet", "--out", str(tmp_path)], capsys, expected)

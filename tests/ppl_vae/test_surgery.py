@@ -420,7 +420,7 @@ def test_bad_surgery_arguments_fail_before_training(tmp_path, capsys, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(cli, "train", no_training)
+    monkeypatch.setattr(cli.training, "train", no_training)
     with pytest.raises(SystemExit) as stop:
         cli.main(["surgery", *argv, "--out", str(tmp_path)])
     assert stop.value.code == 2

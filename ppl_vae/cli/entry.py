@@ -1,0 +1,79 @@
+"""The entry points: ``main`` (the console script) and ``run`` (a command line in-process)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ppl_vae.cli.fit import cmd_fit
+from ppl_vae.cli.gaps import cmd_gaps
+from ppl_vae.cli.parser import build_parser
+from ppl_vae.cli.surgery import cmd_surgery
+from ppl_vae.train import Interrupted
+
+
+def run(argv=None) -> dict:
+    """Run a command line; returns its summary (what it also writes as JSON)."""
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args) -> dict:
+    return {"gaps": cmd_gaps, "fit": cmd_fit, "surgery": cmd_surgery}[args.command](args)
+
+
+def main(argv=None) -> None:
+    """Console-script entry point.
+
+    Expected failures (bad input, missing or damaged files, an unwritable output
+    folder) are one line on stderr and exit status 2; an interruption by SIGINT or
+    SIGTERM says where the checkpoint is and exits 130 or 143; anything else keeps its
+    traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        with _process_group():
+            _dispatch(args)
+    except Interrupted as stop:
+        print(_interrupted_message(stop, args), file=sys.stderr)
+        raise SystemExit(128 + stop.signal) from None
+    except KeyboardInterrupt:
+        print("ppl-vae: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        print(f"ppl-vae: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Under torchrun (WORLD_SIZE > 1 in the environment), the default process group:
+    nccl when CUDA is available, gloo otherwise; destroyed on the way out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _interrupted_message(stop: Interrupted, args) -> str:
+    name = signal.Signals(stop.signal).name
+    message = f"ppl-vae: interrupted by {name} after step {stop.step}"
+    if stop.checkpoint is None:
+        return f"{message}; nothing saved (ppl-vae fit keeps a resumable checkpoint)"
+    message += f"; checkpoint written to {stop.checkpoint}"
+    resume = f"ppl-vae fit --resume {stop.checkpoint.parent}"
+    if args.data_root is not None:
+        resume += f" --data-root {args.data_root}"
+    return f"{message}\nppl-vae: to continue: {resume}"

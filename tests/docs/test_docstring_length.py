@@ -1,0 +1,53 @@
+"""Public docstrings are at most 30 lines: the full story belongs in the README and docs/.
+
+Every line counts, the Examples section included (the docstring as ``inspect`` cleans
+it). The public names are those of the docs' coverage check: ``__all__`` of ppl_vae,
+ppl_vae.models and ppl_vae.guides, and the public methods and properties of their
+classes.
+"""
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[2] / "docs" / "_ext" / "api_coverage.py"
+MAX_LINES = 30
+
+# Still over 30 lines when this test was written (issue 23), most in files other work
+# was editing at the time. Shorten one, then delete it here: the test fails on a name
+# listed that no longer needs to be.
+PENDING = {
+    "ppl_vae.GapReport", "ppl_vae.SurgeryReport", "ppl_vae.ais", "ppl_vae.bdmc",
+    "ppl_vae.elbo_surgery", "ppl_vae.fit", "ppl_vae.fit_local", "ppl_vae.load_dataset",
+    "ppl_vae.log_weights", "ppl_vae.refine", "ppl_vae.sample_from_model",
+    "ppl_vae.models.VAE", "ppl_vae.guides.MLPEncoder", "ppl_vae.guides.DeltaEncoder",
+    "ppl_vae.guides.FlowEncoder", "ppl_vae.guides.LocalFlow",
+}
+
+
+def _public_docstrings():
+    spec = importlib.util.spec_from_file_location("api_coverage", SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.public_objects())
+
+
+def lines(doc: str) -> int:
+    return len(inspect.cleandoc(doc).splitlines()) if doc.strip() else 0
+
+
+def test_lines_counts_every_line_of_the_cleaned_docstring():
+    assert lines("One.\n\n    Two.\n\n    >>> 1\n    1\n    ") == 6
+    assert lines("") == 0
+
+
+def test_no_public_docstring_is_over_30_lines():
+    too_long = {name: lines(doc) for name, doc in _public_docstrings().items()
+                if lines(doc) > MAX_LINES and name not in PENDING}
+    assert too_long == {}
+
+
+def test_the_pending_list_only_shrinks():
+    docs = _public_docstrings()
+    done = sorted(name for name in PENDING if lines(docs.get(name, "")) <= MAX_LINES)
+    assert done == [], f"within {MAX_LINES} lines now: remove from PENDING"
