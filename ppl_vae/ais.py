@@ -116,51 +116,16 @@ def ais(
 
     Parameters
     ----------
-    model : Pyro program
-        A function, bound method or module taking the data ``x``, or a PyroModule of
-        the library's convention; every latent site in the data plate.
-    x : Tensor or ndarray of shape (N, D)
+    model, x : Pyro program taking the data, Tensor or ndarray of shape (N, D)
+        Every latent site of the model is in its data plate (named by ``plate``).
     proposal : guide, optional
-        The initial distribution: the model's prior when None, else the guide's
-        q(z | x) (amortized or local; a local guide reads rows ``idx``). Its samples
-        and density are the guide's own (a local guide of this library through its
-        ``joint_distribution``; any other guide by conditioning it on a value).
-    num_steps : int
-        T, the number of intermediate distributions (T = 1 is importance sampling
-        with ``num_chains`` samples).
-    num_chains : int
-        Independent AIS runs per datapoint.
-    leapfrog_steps : int
-        Leapfrog steps per HMC transition.
-    step_size : float
-        Initial (or, with ``adapt=False``, fixed) leapfrog step size.
-    target_accept : float
-        Acceptance probability the step size is adapted toward.
-    adapt : bool
-        Adapt one step size per datapoint from ``pilot_chains`` extra chains (see the
-        module's docstring for why this keeps the weights unbiased).
-    pilot_chains : int
-        Chains per datapoint that only steer the step size (used when ``adapt``).
-    schedule : {"linear", "sigmoid"} or sequence of float
-        The betas: evenly spaced, Wu et al.'s sigmoid sigma(4 (2t/T - 1)) rescaled to
-        run from exactly 0 to 1, or a user array of T + 1 non-decreasing values from 0
-        to 1 (which then sets ``num_steps``).
-    idx, num_data : optional
-        Row indices of ``x`` in the dataset, and its size (for local guides).
-    seed : int, optional
-        The chains of row n depend only on ``seed`` and ``idx[n]``.
-    progress : bool
-        Show a progress bar with beta and the acceptance rate.
-    jit : bool
-        Trace the potential (log q and log p(x, z) as functions of u) once per chunk of
-        rows with ``torch.jit.trace`` and replay it without Pyro's per-call Python
-        (about 5% of a gradient on the MNIST VAE). The first call is compared with the
-        plain potential; a model the trace does not reproduce (random ops, structure
-        that changes between calls) falls back to the plain path with a warning. A
-        Python branch on the latents' values cannot be seen that way: pass False.
-        float64 data always run plainly (exactness first).
-    plate : str, optional
-        The model's data plate, when it cannot be told from the model.
+        The initial distribution: the prior when None, else the guide's q(z | x).
+    num_steps, num_chains, schedule : int, int, {"linear", "sigmoid"} or T + 1 betas
+        AIS budget: T intermediate distributions, independent runs per datapoint.
+    leapfrog_steps, step_size, target_accept, adapt, pilot_chains, jit : optional
+        HMC settings and the traced potential; every option is in :doc:`ais`.
+    idx, num_data, seed, progress : optional
+        Rows of ``x`` in the dataset and its size (local guides), seed, progress bar.
 
     Returns
     -------
@@ -168,8 +133,6 @@ def ais(
 
     Examples
     --------
-    From the exact posterior every annealing step leaves the weights at p(x):
-
     >>> import torch, ppl_vae
     >>> from ppl_vae.models import PPCA
     >>> from ppl_vae.guides import ExactPosterior
@@ -210,12 +173,8 @@ def bdmc(
 ) -> BDMCResult:
     """Sandwich log p(x) between forward and reverse AIS on simulated data.
 
-    For data drawn from the model (``ppl_vae.sample_from_model`` returns ``x`` and
-    ``latents``), the latents that generated x_n are an exact draw from p(z | x_n), so
-    AIS run backward from them, from the posterior to the initial distribution, gives
-    a stochastic upper bound; forward AIS gives a lower bound. The mean gap
-    ``upper - lower`` bounds the error of AIS with these settings on data like this:
-    raise ``num_steps`` until it is small enough.
+    Reverse AIS starts from the latents that generated x (``sample_from_model``), an
+    exact posterior draw, so ``upper - lower`` bounds the error of AIS (:doc:`ais`).
 
     Parameters
     ----------

@@ -78,28 +78,19 @@ def log_weights(
     Parameters
     ----------
     model, guide : Pyro programs
-        Functions, bound methods or modules taking the data ``x`` (or PyroModules of
-        the library's ``forward(x, idx=None, num_data=None)`` convention); autoguides
-        such as ``AutoNormal``. Every latent site must live in the data plate, and the
-        guide must have a site for each of the model's latents (and no other, unless
-        marked auxiliary).
+        Taking the data ``x``, every latent site in the data plate, a guide site for
+        each of the model's latents (what is accepted: :doc:`estimators`).
     x : Tensor or ndarray of shape (N, D)
     num_samples : int
         K, samples per datapoint.
     proposal : {"guide", "prior"}
         ``"prior"`` draws z from the model's prior (naive Monte Carlo): the weights are
         then the likelihoods p(x | z).
-    idx, num_data : optional
-        Row indices of ``x`` in the dataset (a local guide reads these rows), and its
-        size. The draws of row n depend only on ``seed`` and ``idx[n]``.
-    seed : int, optional
-        Seeds the draws; the caller's random state is left as it was.
-    plate : str, optional
-        The name of the model's data plate, when it cannot be told from the model (the
-        plate around the observed sites whose size is the number of rows).
-    progress : bool
-        Show a progress bar when the work is long (at least ``PROGRESS_UNITS`` blocks of
-        256 samples of 16 rows).
+    idx, num_data, seed : optional
+        Rows of ``x`` in the dataset (a local guide reads these) and its size; row n's
+        draws depend only on ``seed`` and ``idx[n]``.
+    plate, progress : optional
+        The model's data plate, when it cannot be told; a progress bar for long work.
 
     Returns
     -------

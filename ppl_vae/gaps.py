@@ -53,38 +53,26 @@ KHAT_RELIABLE = 0.7
 class GapReport:
     """The inference gap of an encoder, split into approximation and amortization gaps.
 
-    The float attributes are means over datapoints, in nats per datapoint, each with
-    its standard error ``<name>_se`` (Monte Carlo noise and the spread over
-    datapoints). ``per_datapoint`` holds Tensors of shape (N,) under the same names
-    (``"approximation_gap"``, ``"approximation_gap_se"``, ...) and ``"khat"``.
+    Floats are means in nats per datapoint, each with a standard error ``<name>_se``;
+    ``per_datapoint`` holds the same names as Tensors of shape (N,), and ``"khat"``.
+    How each number is estimated: :doc:`gaps`.
 
     Attributes
     ----------
     log_px : float
-        log p(x): exact when the model has ``marginal()``, else importance sampled with
-        the fitted local guide as the proposal (see ``log_px_method``).
-    elbo_local : float
-        L[q*], the ELBO of the fitted local guide.
-    elbo_amortized : float
-        L[q], the ELBO of the encoder.
-    approximation_gap : float
-        log p(x) - L[q*].
-    amortization_gap : float
-        L[q*] - L[q].
-    inference_gap : float
-        log p(x) - L[q], the sum of the two.
+        log p(x): exact, or estimated as ``log_px_method`` and ``log_px_settings`` say.
+    elbo_local, elbo_amortized : float
+        L[q*], the ELBO of the fitted local guide, and L[q], that of the encoder.
+    approximation_gap, amortization_gap, inference_gap : float
+        log p(x) - L[q*], L[q*] - L[q], and their sum log p(x) - L[q].
     khat_mean, khat_max : float
-        PSIS k-hat of the local guide's importance weights (the proposal of an
-        importance-sampled log p(x)); above 0.7 that estimate is unreliable.
+        PSIS k-hat of the local guide's importance weights; above 0.7 an
+        importance-sampled log p(x) is unreliable.
     log_px_method : {"exact", "importance", "ais"}
     log_px_settings : dict
-        The AIS settings (``num_steps``, ``num_chains``) when ``log_px_method`` is "ais".
     local_family : {"diag", "full"}
-    num_samples : int
-        K, samples per datapoint of every estimate (both ELBOs and log p(x)).
-    num_data : int
-    local_steps : int
-        Optimizer steps the local fit ran.
+    num_samples, num_data, local_steps : int
+        K samples per datapoint of every estimate, N, the local fit's optimizer steps.
     per_datapoint : dict of str to Tensor of shape (N,)
     """
 

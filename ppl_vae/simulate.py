@@ -19,21 +19,16 @@ def sample_from_model(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Draw a synthetic dataset from a generative model.
 
-    A model of the library's convention is called as ``model(None, None, num_data)``
-    and its observed site is ``"x"``. A model written as ``model(x)`` is called on
-    ``num_data`` rows shaped like ``like`` with its observations drawn instead of
-    conditioned (``poutine.uncondition``); its one observed site is the data.
+    A model written as ``model(x)`` (not the library's convention) is run on rows
+    shaped like ``like`` with its observations drawn (see :doc:`data`).
 
     Parameters
     ----------
     model : Pyro program
-    num_data : int
-        Number of datapoints N.
-    seed : int
-        Seeds the draws; the caller's random state is restored afterwards.
+    num_data, seed : int
+        Number of datapoints N; the seed (the caller's random state is restored).
     like : Tensor or ndarray of shape (M, D), optional
-        Needed for a model written as ``model(x)``: data it takes (its values are only
-        checked; the draws have its width D).
+        Data a ``model(x)`` takes, for the width D of the draws.
     plate : str, optional
         The model's data plate, when it cannot be told from the model.
 

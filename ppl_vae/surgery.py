@@ -81,34 +81,22 @@ def elbo_surgery(
 ) -> SurgeryReport:
     """Split the ELBO into reconstruction, mutual information and marginal KL.
 
-    Cost: N K draws, each scored under all N datapoints' guides: N^2 K guide densities,
-    streamed (the README's "ELBO surgery" section has timings). Memory: O(chunk_size)
-    per scoring call plus the draws, N K d values.
+    Costs N^2 K guide densities, streamed; cost, memory and seeding: :doc:`surgery`.
 
     Parameters
     ----------
     model, guide : Pyro programs
-        As for :func:`ppl_vae.elbo` (functions, modules, autoguides, the library's
-        convention): every latent site in the data plate, a guide site with a density
-        for each of them.
+        As for :func:`ppl_vae.elbo`: every latent site in the data plate.
     x : Tensor or ndarray of shape (N, D)
         The datapoints whose aggregate posterior is measured.
     num_samples : int
         K, draws per datapoint.
     threshold : float
-        A coordinate is an active unit when Cov_x(E_q[u | x]) exceeds it (Burda et al.,
-        2016, use 0.01).
+        A coordinate is active when Cov_x(E_q[u | x]) exceeds it (Burda et al., 2016).
     chunk_size : int
-        Most (draw, datapoint) pairs scored in one call of the guide: bounds the memory
-        of the aggregate posterior's pass (not the numbers, up to float rounding).
-    idx, num_data : optional
-        Row indices of ``x`` in the dataset (a local guide reads these rows) and its size.
-    plate : str, optional
-        The model's data plate, when it cannot be told from the model.
-    seed : int, optional
-        Seeds the draws: row n's depend only on ``seed`` and ``idx[n]``, and are those of
-        :func:`ppl_vae.elbo` with the same seed and K (so ``per_datapoint["elbo"]``
-        equals its result). The caller's random state is left as it was.
+        Most (draw, datapoint) pairs scored in one call of the guide (memory only).
+    idx, num_data, seed, plate : optional
+        As for :func:`ppl_vae.elbo`; the draws are those of ``elbo`` with this seed.
 
     Returns
     -------

@@ -31,17 +31,10 @@ class SurgeryReport:
     mutual_information_max : float
         log N, the most mutual information N datapoints can hold.
     kl_per_dim, kl_per_dim_se : Tensor of shape (d,)
-        E_x KL(q(u | x) || p(u)) of each coordinate u of the latents' values (their
-        marginals): in closed form where both are Normal, by Monte Carlo where both
-        factorize over coordinates, NaN where the guide's density does not (a flow, a
-        local guide's point masses). They add up to ``kl`` only when the guide and the
-        prior both factorize. ``kl_per_dim_method`` names the route for each site.
-    activity : Tensor of shape (d,)
-        Cov_x(E_q[u | x]) of each coordinate: from the guide's exact mean where it has
-        one, else from the K draws, less their within-datapoint variance over K (which
-        would otherwise count as activity); NaN for such a site when K = 1.
-    active : BoolTensor of shape (d,)
-        ``activity > threshold``.
+        E_x KL(q(u | x) || p(u)) of each coordinate u of the latents' values; NaN where
+        the guide's density does not factorize (``kl_per_dim_method``, :doc:`surgery`).
+    activity, active : Tensor of shape (d,), BoolTensor of shape (d,)
+        Cov_x(E_q[u | x]) of each coordinate, and ``activity > threshold``.
     active_units, num_latent_dims : int
     dim_names : tuple of str
         ``"site[j]"`` for coordinate j of a site's flattened value.
