@@ -102,24 +102,17 @@ SCALE_FLOOR = 1e-4
 class MLPEncoder(PyroModule):
     """q(z | x) = N(mu(x), L(x) L(x)^T): the Gaussian MLP encoder of a VAE.
 
-    One MLP maps x to the loc mu(x) and a raw Cholesky factor. ``"diag"``: L(x) is
-    diagonal, sigma(x) = softplus(raw) + ``SCALE_FLOOR`` (the usual mean-field encoder).
-    ``"full"``: L(x) is lower triangular with that diagonal and k(k-1)/2 free entries
-    below it, so q can follow a posterior whose latents are correlated. Amortized:
-    ``idx`` is ignored.
+    One MLP maps x to mu(x) and a raw Cholesky factor L(x), diagonal or lower triangular
+    (see :doc:`guides`). Amortized: ``idx`` is ignored.
 
     Parameters
     ----------
-    data_dim : int
-        D, the dimension of x.
-    latent_dim : int
-        k, the dimension of z.
-    hidden : sequence of int
-        Widths of the hidden layers, from x towards z.
-    activation : str
-        Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
+    data_dim, latent_dim : int
+        D, the dimension of x, and k, that of z.
+    hidden, activation : sequence of int, str
+        The hidden widths from x towards z, and the nonlinearity (``ACTIVATIONS``).
     covariance : {"diag", "full"}
-        The shape of L(x), as above.
+        The shape of L(x): mean-field, or correlated latents.
 
     Attributes
     ----------
@@ -193,28 +186,16 @@ class MLPEncoder(PyroModule):
 class DeltaEncoder(PyroModule):
     """q(z | x) = delta(z - g(x)): a deterministic encoder, the autoencoder baseline.
 
-    With a point mass as the guide the single-sample ELBO has no entropy term and no
-    noise, and Trace_ELBO's loss for one datapoint becomes
-
-        -log p(x | g(x)) - log p(g(x))
-            = reconstruction loss + ||g(x)||^2 / 2 + (k/2) log(2 pi),
-
-    the loss of a deterministic autoencoder (cross-entropy for a Bernoulli decoder,
-    squared error over 2 sigma^2 for a Gaussian one) plus an L2 penalty on the codes
-    that the N(0, I) prior contributes. It is MAP estimation of z per datapoint, and
-    not a bound on log p(x): a point mass has no density, so the estimators refuse it
-    as an importance proposal (use ``proposal="prior"`` or an encoder with a density).
+    Trace_ELBO's loss is then an autoencoder's plus an L2 penalty on the codes (MAP z,
+    not a bound on log p(x); see :doc:`guides`). The estimators refuse it as an
+    importance proposal: use ``proposal="prior"`` or an encoder with a density.
 
     Parameters
     ----------
-    data_dim : int
-        D, the dimension of x.
-    latent_dim : int
-        k, the dimension of z.
-    hidden : sequence of int
-        Widths of the hidden layers of g, from x towards z.
-    activation : str
-        Nonlinearity, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
+    data_dim, latent_dim : int
+        D, the dimension of x, and k, that of z.
+    hidden, activation : sequence of int, str
+        The hidden widths of g from x towards z, and the nonlinearity (``ACTIVATIONS``).
 
     Attributes
     ----------
@@ -258,47 +239,20 @@ class DeltaEncoder(PyroModule):
 class FlowEncoder(PyroModule):
     """q(z | x): a diagonal Gaussian from an MLP, pushed through conditional flows.
 
-    The MLP maps x to a hidden state h(x) (its last hidden layer) and, from it, to a
-    base N(mu(x), diag(sigma(x)^2)) as in :class:`MLPEncoder`. ``num_flows`` affine
-    coupling layers (RealNVP; Pyro's ``ConditionalAffineCoupling``) follow, each
-    conditioned on h(x), every second one acting on the latent dims in reverse order::
-
-        z_0 ~ N(mu(x), diag(sigma(x)^2)),   z_j = f_j(z_{j-1}; h(x)),   z = z_J.
-
-    A coupling layer keeps the first k//2 dims and shifts and scales the others by a
-    network of the kept dims and h(x). Why coupling: q is scored at points it did not
-    draw (an AIS chain starts from q and anneals through densities that include it;
-    ``log_marginal`` may score other guides' draws), so both directions must be cheap.
-    A coupling layer's forward and inverse are each one network pass. An affine
-    autoregressive layer (IAF) samples in one pass but inverts sequentially, one pass
-    per latent dim (50 passes for k = 50), and ``ConditionalSpline`` acts on each dim
-    alone, conditioned on x only, so it cannot correlate the latents. The reversal in
-    every second layer lets every dim be transformed conditioned on the others (two
-    layers at least are needed for that); with ``num_flows=0`` q is the Gaussian base.
-
-    Each coupling network's last layer starts at zero, so at initialization every
-    layer is the identity and q is its base: fitting starts where an
-    :class:`MLPEncoder` would.
-
-    Context h(x) of shape (N, C) broadcasts over leading sample dims of z, e.g. the
-    estimators' particles, z of shape (K, N, k). With ``hidden=()`` the context is x.
+    ``num_flows`` affine coupling layers (RealNVP), each conditioned on the MLP's last
+    hidden state h(x), transform the base; they start as the identity. Why coupling,
+    and how the layers are arranged: :doc:`guides`.
 
     Parameters
     ----------
-    data_dim : int
-        D, the dimension of x.
-    latent_dim : int
-        k, the dimension of z. With k = 1 a layer has nothing to condition on but
-        h(x): it is an affine map of z given x.
+    data_dim, latent_dim : int
+        D, the dimension of x, and k, that of z.
     hidden : sequence of int
-        Widths of the encoder MLP's hidden layers, from x towards z.
+        Widths of the encoder MLP's hidden layers, from x towards z (``()``: h(x) = x).
     num_flows : int
-        Number of coupling layers, >= 0.
-    activation : str
-        Nonlinearity of the encoder and the coupling networks, one of
-        ``ppl_vae.models.blocks.ACTIVATIONS``.
-    flow_hidden : sequence of int
-        Widths of each coupling network's hidden layers (at least one).
+        Number of coupling layers, >= 0 (0: q is the Gaussian base).
+    activation, flow_hidden : str, sequence of int
+        Nonlinearity of all networks (``ACTIVATIONS``); coupling networks' hidden widths.
 
     Attributes
     ----------

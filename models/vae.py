@@ -34,22 +34,15 @@ class VAE(PyroModule):
 
     Parameters
     ----------
-    data_dim : int
-        D, the dimension of x.
-    latent_dim : int
-        k, the dimension of z.
-    hidden : sequence of int
-        Widths of the decoder's hidden layers, from z towards x.
-    activation : str
-        Nonlinearity of the decoder, one of ``ppl_vae.models.blocks.ACTIVATIONS``.
+    data_dim, latent_dim : int
+        D, the dimension of x, and k, that of z.
+    hidden, activation : sequence of int, str
+        The decoder's hidden widths from z towards x, and its nonlinearity
+        (``ppl_vae.models.blocks.ACTIVATIONS``).
     likelihood : {"bernoulli", "gaussian"}
-        ``"bernoulli"``: x | z ~ Bernoulli(logits=f(z)), for binary data.
-        ``"gaussian"``: x | z ~ N(f(z), diag(sigma^2)).
+        x | z ~ Bernoulli(logits=f(z)), for binary data, or N(f(z), diag(sigma^2)).
     sigma : float, optional
-        Gaussian likelihood only. A float fixes the scale (the N(f(z), sigma^2 I) of the
-        lectures); None learns one positive scale per data dimension, started at 1
-        (Kingma & Welling's Gaussian MLP decoder, with a scale that does not depend
-        on z), kept above ``SIGMA_FLOOR``.
+        Gaussian only: a fixed scale, or None to learn one per dimension (:doc:`models`).
 
     Attributes
     ----------

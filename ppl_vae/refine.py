@@ -88,13 +88,8 @@ def refine(
 ) -> RefinementCurve:
     """Semi-amortized inference: refine the encoder's output by SVI steps per datapoint.
 
-    A local guide of the encoder's family starts at q(z | x_n) for every datapoint and
-    takes ``steps`` Adam steps on the ELBO with the model frozen (one vectorized fit).
-    The mean ELBO is measured at step 0 and every ``eval_every`` steps. The learning
-    rate follows :func:`fit_local`'s plateau rule (a large first step, then smaller
-    ones where progress stalls): at a constant rate Adam circles each datapoint's
-    optimum, and on the digits VAE the curve stalled at about 80% of the amortization
-    gap.
+    A local guide of the encoder's family starts at q(z | x_n) and takes Adam steps on
+    the ELBO, model frozen; the learning rate follows a plateau rule (:doc:`gaps`).
 
     Parameters
     ----------
@@ -104,25 +99,14 @@ def refine(
     x : Tensor or ndarray of shape (N, D)
     steps : int
         SVI steps in all.
-    lr, num_particles : optional
-        Adam's initial learning rate, and samples per gradient estimate.
-    eval_every : int, optional
-        Steps between measurements; ``steps // 20`` (at least 1) by default.
-    num_samples : int
-        K, samples per datapoint of each ELBO measurement.
+    lr, num_particles, tol, window : optional
+        Adam's initial rate, samples per gradient, the plateau rule (None: constant lr).
+    eval_every, num_samples : optional
+        Steps between ELBO measurements (``steps // 20`` by default), K per datapoint.
     target_elbo : float, optional
         Stored in the curve, to express progress as a fraction of the gap closed.
-    seed : int, optional
-    progress : bool
-    tol, window : optional
-        A plateau: the mean ELBO of the last ``window`` steps beats that of the window
-        before by less than ``tol`` nats. The rate is then divided by ``LR_DECAY`` (3),
-        at most ``LR_DECAYS`` (4) times, and held; every step still runs.
-        ``tol=None`` keeps ``lr`` constant.
-    local : {"diag", "full", "flow"}, optional
-        The local family, when the guide's own cannot be read (as for :func:`gaps`).
-    plate : str, optional
-        The model's data plate, when it cannot be told from the model.
+    seed, progress, local, plate : optional
+        The seed, a progress bar, the local family and the data plate (as for ``gaps``).
 
     Returns
     -------
