@@ -63,64 +63,23 @@ def load_dataset(
 
     Parameters
     ----------
-    name : str
-        One of ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"binarized_mnist"``.
-
-        - ``"digits"``: the 8x8 digits shipped with scikit-learn (no download),
-          pixel values / 16, D = 64; the library's embedded default. The split is
-          fixed: the 1797 rows are permuted by
-          ``numpy.random.default_rng(0).permutation(1797)``; the first 1497 rows of
-          that permutation (in that order) are ``"train"``, the last 300 ``"test"``.
-        - ``"mnist"``, ``"fashion_mnist"``: the original gzip IDX files, splits
-          ``"train"`` (60000) and ``"test"`` (10000), pixel values / 255, D = 784.
-        - ``"binarized_mnist"``: Larochelle & Murray's static binarization, splits
-          ``"train"``/``"valid"``/``"test"`` (50000/10000/10000), values in {0, 1},
-          D = 784. Read from ``binarized_mnist.npz`` (keys train/valid/test) or else
-          ``binarized_mnist_{split}.amat.gz`` / ``.amat``. It has no labels. Its test
-          split is sorted by class: evaluate on ``limit=`` rows, never a prefix.
-
-        For synthetic data drawn from a model use :func:`ppl_vae.sample_from_model`.
-    split : str
-        Which split; see ``name``.
-    root : str or os.PathLike, optional
-        Directory searched first for the files. The search order is ``root``, then
-        ``$PPL_VAE_DATA``, then ``$XDG_CACHE_HOME/ppl_vae`` (default
-        ``~/.cache/ppl_vae``). In each, the subfolder named after the dataset
-        (e.g. ``mnist/``) is tried before the directory itself, and the first
-        directory holding every needed file is used.
+    name, split : str
+        ``"digits"`` (scikit-learn's 8x8, D = 64), ``"mnist"``, ``"fashion_mnist"`` or
+        ``"binarized_mnist"`` (D = 784); splits and files of each: :doc:`data`.
+    root, download : optional
+        Directory searched first (then ``$PPL_VAE_DATA``, then the cache), and whether
+        to download missing MNIST-family files into the cache.
     binarize : {None, "static", "dynamic", "threshold"}
-        ``None`` returns the intensities. ``"static"`` draws Bernoulli(x) once with a
-        ``torch.Generator`` seeded by ``seed``: the same binary data on every call,
-        and the same pixels for a row whatever ``limit`` is. ``"dynamic"`` returns the
-        intensities unchanged: pass ``binarize="dynamic"`` to ``ppl_vae.fit``, which
-        redraws a Bernoulli sample for each minibatch (see :func:`ppl_vae.data.dynamic_binarize`).
-        ``"threshold"`` sets a pixel to 1 where its intensity exceeds 0.5
-        (``THRESHOLD``), as Cremer et al. binarize Fashion-MNIST. On
-        ``binarized_mnist`` binarizing changes nothing.
-    limit : int, optional
-        Return a fixed random subset of ``limit`` rows (chosen by an rng seeded by
-        ``seed``, kept in dataset order), never a prefix. All rows if ``limit >= N``.
-    return_labels : bool
-        Also return the class labels.
-    seed : int
-        Seed of the ``limit`` subset and of the static binarization.
-    download : bool
-        Whether to download missing MNIST-family files into the cache directory.
+        Intensities, Bernoulli(x) drawn once with ``seed``, intensities for
+        ``fit(binarize="dynamic")``, or pixels above 0.5.
+    limit, return_labels, seed : optional
+        A fixed random subset of ``limit`` rows (never a prefix), the labels, the seed.
 
     Returns
     -------
     x : Tensor of shape (N, D), float32, values in [0, 1]
     y : Tensor of shape (N,), int64
         Only if ``return_labels``.
-
-    Raises
-    ------
-    ValueError
-        Unknown name, split or binarize mode; ``limit`` not a positive int; labels
-        asked of ``binarized_mnist``; a corrupt data file.
-    ppl_vae.data.DatasetNotFoundError
-        (a ``FileNotFoundError``) the files are nowhere and could not be downloaded;
-        the message says which files to put in which directory.
 
     Examples
     --------

@@ -94,65 +94,34 @@ def fit(
     checkpoint_extra: Mapping | None = None,
     plate: str | None = None,
 ) -> FitResult:
-    """Fit ``model`` and ``guide`` to ``x`` by SVI on shuffled minibatches.
-
-    Each step's loss is scaled to the whole dataset (N / batch size). The README's
-    "Training options" and "Resumable training" sections tell the options' full story.
+    """Fit ``model`` and ``guide`` to ``x`` by SVI on shuffled minibatches (every option
+    and the errors raised: :doc:`training`).
 
     Parameters
     ----------
-    model, guide : Pyro programs
-        Functions, bound methods or modules taking ``x``, autoguides, or PyroModules of
-        the library's convention; their parameters are trained where Pyro keeps them.
-    x : Tensor or ndarray of shape (N, D)
-    epochs, num_steps : int
-        Give exactly one: passes over the data, or optimizer steps.
-    batch_size : int, optional
-        Rows per step; all of them when None.
+    model, guide, x : Pyro programs, Tensor or ndarray of shape (N, D)
+    epochs, num_steps, batch_size : int
+        Exactly one of passes over the data or optimizer steps; rows per step (None: N).
     lr, optimizer, lr_schedule, clip_norm : optional
-        Adam's learning rate (or a ``torch.optim`` class or factory), its schedule
-        ({"constant", "cosine", "exponential"} or ``f(step, total)``), and a bound on the
-        gradient's 2-norm.
+        Adam's rate (or a ``torch.optim`` class), its schedule, a gradient-norm bound.
     loss, objective, num_particles, gradient, kl_warmup : optional
-        Any Pyro ELBO, or {"elbo", "iwae"} with K samples per datapoint; the gradient
-        estimator ({"reparam", "stl", "dreg"}); steps of KL warm-up.
-    seed : int, optional
-        Seeds torch, Python's and numpy's generators and the shuffling.
-    progress, callback : optional
-        A progress bar; ``callback(step, elbo)`` after every step, a true value stops.
-    train_model, binarize, jit : optional
-        False fits the guide alone; "dynamic" redraws binary x every minibatch; trace
-        the loss once per minibatch shape (checked against the plain loss).
+        A Pyro ELBO, or "elbo"/"iwae" with K samples; "reparam"/"stl"/"dreg"; warm-up.
+    seed, progress, callback, train_model, binarize, jit, plate : optional
+        Seeding, progress bar, per-step callback, guide alone, binarization, tracing.
     checkpoint, checkpoint_every, resume, checkpoint_extra : optional
-        A file for the whole training state (with a digest), how often to write it,
-        whether to continue from it (bit for bit), and extra keys to keep in it.
-    plate : str, optional
-        The model's data plate, when it cannot be told from the model.
+        A file of the whole training state, how often, continue bit for bit, extras.
 
     Returns
     -------
     FitResult
 
-    Raises
-    ------
-    ValueError
-        On bad input or a NaN density, before the work where it can be found then.
-    FloatingPointError
-        When the loss or parameters become inf or NaN; the last finite state is kept.
-    Interrupted
-        On SIGINT or SIGTERM, after the checkpoint (if any) is written.
-
     Examples
     --------
     >>> import torch, ppl_vae
-    >>> from ppl_vae.models import PPCA
-    >>> from ppl_vae.guides import LinearEncoder
+    >>> from ppl_vae import guides, models
     >>> _ = torch.manual_seed(0)
-    >>> model, guide, x = PPCA(5, 2), LinearEncoder(5, 2), torch.randn(64, 5)
-    >>> result = ppl_vae.fit(model, guide, x, epochs=25, batch_size=32, lr=0.05, seed=0,
-    ...                      progress=False)
-    >>> result.num_steps, result.history.shape
-    (50, (50,))
+    >>> model, guide, x = models.PPCA(5, 2), guides.LinearEncoder(5, 2), torch.randn(64, 5)
+    >>> result = ppl_vae.fit(model, guide, x, epochs=25, batch_size=32, lr=0.05, progress=False)
     >>> bool(result.history[-10:].mean() > result.history[:10].mean())  # the ELBO rose
     True
     """
