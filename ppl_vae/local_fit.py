@@ -59,83 +59,27 @@ def fit_local(
     seed: int | None = None,
     plate: str | None = None,
 ) -> LocalDiag | LocalFull | LocalFlow:
-    """Fit a local guide, one q_n per datapoint, with the model's parameters frozen.
-
-    The guide covers every latent site of the model's ``"data"`` plate, whatever their
-    names, event shapes and supports: it is a density over their joint unconstrained
-    vector u in R^d (see :class:`~ppl_vae.guides.latent_space.LatentSpace`), and the
-    log-Jacobian of each site's ``biject_to`` enters its log-density, so the ELBO is
-    that of the constrained latents.
-
-    All datapoints are fitted at once: the guide holds one parameter tensor of shape
-    (N, ...), and since the ELBO is a sum over datapoints whose terms share no
-    parameter, and Adam scales every parameter's step separately, one vectorized fit
-    behaves like N independent ones. Gradients average ``num_particles`` samples
-    (vectorized ``Trace_ELBO``).
-
-    Under torch.distributed each rank fits every world_size-th row and the rows are
-    gathered at the end (:mod:`ppl_vae.local_elbo`): the same guide as one process, up
-    to float rounding.
-
-    Convergence is each row's own (:mod:`ppl_vae.row_convergence`), so a row's q*_n is the
-    same whatever rows are fitted with it (with a seed, up to float rounding): row n's
-    random draws depend only on (seed, n, step); every row has its own Adam learning
-    rate; ``MEASURES`` (5) times per ``window`` steps each row's ELBO is measured on
-    fixed draws, and when its window average has not beaten its best by ``tol`` nats
-    for ``PATIENCE`` (5) windows running (a plateau), that row's rate is divided by
-    ``LR_DECAY`` (3); at its plateau after ``LR_DECAYS`` (4) decays the row stops, its
-    parameters frozen. The fit ends when every row has stopped, or after ``steps``.
-    With ``batch_size`` below N the minibatches, drawn from all rows, make rows
-    depend on each other again.
+    """Fit a local guide, one q_n per datapoint, with the model's parameters frozen, in
+    one vectorized fit where each row converges on its own (see :doc:`gaps`).
 
     Parameters
     ----------
-    model : PyroModule
-        Its parameters are left bit-for-bit unchanged.
-    x : Tensor or ndarray of shape (N, D)
+    model, x : PyroModule, Tensor or ndarray of shape (N, D)
+        The model's parameters are left bit-for-bit unchanged.
     family : {"diag", "full", "flow"}
-        :class:`~ppl_vae.guides.LocalDiag` (diagonal Gaussian over u),
-        :class:`~ppl_vae.guides.LocalFull` (full-covariance Gaussian over all sites
-        jointly) or :class:`~ppl_vae.guides.LocalFlow` (a per-datapoint flow that
-        contains ``"full"``).
+        A ``LocalDiag``, ``LocalFull`` or ``LocalFlow`` guide over the latents.
     init_from : guide, optional
-        Where each row starts. A Gaussian encoder (``distribution(x)`` an Independent
-        Normal or MultivariateNormal) of a model with one real latent site is copied:
-        exactly into ``"full"`` and ``"flow"`` (its layers at the identity), and its
-        marginal variances into ``"diag"``. Any other guide (a flow encoder, a guide of
-        several sites or of constrained ones, a user's own) starts row n at the mean
-        and covariance of ``MOMENT_SAMPLES`` of its draws of u for x_n. By default,
-        every row starts at the prior's moments over u, from ``PRIOR_SAMPLES`` draws
-        of the model's latents on one datapoint.
-    steps : int
-        Most optimizer steps.
-    lr : float
-        Initial Adam learning rate.
-    num_particles : int
-        Samples per datapoint in each gradient estimate.
-    batch_size : int, optional
-        Rows per step; all rows when None (recommended: Adam's momentum keeps moving
-        the rows that a minibatch leaves out).
-    tol, window : float, int
-        The per-row plateau rule above.
-    progress : bool
-        Show a progress bar.
-    seed : int, optional
-        Seeds the fit.
+        Where each row starts (a Gaussian encoder is copied); the prior's moments if None.
+    steps, lr, num_particles, batch_size, tol, window, progress, seed : optional
+        Most Adam steps, initial rate, samples per gradient, rows per step (None: all);
+        the per-row plateau rule; a progress bar; the seed.
 
     Returns
     -------
     LocalDiag, LocalFull or LocalFlow, with parameters of shape (N, ...).
 
-    Raises
-    ------
-    ValueError
-        On bad input or an unknown ``family``, before any work.
-
     Examples
     --------
-    The full-covariance family holds PPCA's exact posterior, so q* reaches log p(x):
-
     >>> import torch, ppl_vae
     >>> from ppl_vae.models import PPCA
     >>> _ = torch.manual_seed(0)
