@@ -17,7 +17,8 @@ def test_gaps_with_ais_records_the_method_and_settings(tmp_path):
 
 
 def test_bad_ais_flags_are_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli.training, "train", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(cli.training, "train",
+                        lambda *a, **k: pytest.fail("trained before checking"))
     with pytest.raises(ValueError, match="ais-steps"):
         cli.run(["gaps", *SMALL, "--log-px", "ais", "--ais-steps", "0", "--out",
                  str(tmp_path)])
