@@ -144,44 +144,31 @@ class RowAdam(torch.optim.Optimizer):
             # Bias corrections per row; a row not yet stepped (inactive) divides by 1.
             correction1 = torch.where(steps > 0, 1 - beta1**steps, 1.0)
             correction2 = torch.where(steps > 0, 1 - beta2**steps, 1.0)
-            self._update(group["params"], beta1, beta2, group["eps"], correction1, correction2)
+            for param in group["params"]:
+                self._update(param, beta1, beta2, group["eps"], correction1, correction2)
         self.row_steps = steps
         return None
 
-    def _update(self, params, beta1, beta2, eps, correction1, correction2) -> None:
-        """Adam's update of every parameter at once (``torch._foreach_*``: one call per
-        op for all of them, where the flow's 13 tensors cost 13 calls each), with the
-        per-row factors broadcast along each parameter's row dim. A frozen row gets a
-        zero gradient, zero weights and a zero rate, which leave its parameters and
-        moments exactly as they were."""
-        active = self.active
-        grads, exp_avgs, exp_avg_sqs = [], [], []
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(param)
-                state["exp_avg_sq"] = torch.zeros_like(param)
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            keep = active.to(param.device).view((-1,) + (1,) * (param.dim() - 1))
-            grads.append(torch.where(keep, grad, torch.zeros((), dtype=grad.dtype)))
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+    def _update(self, param, beta1, beta2, eps, correction1, correction2) -> None:
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        state = self.state[param]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        per_row = (-1,) + (1,) * (param.dim() - 1)
 
-        def rows(values: Tensor) -> list[Tensor]:
-            return [values.to(param).view((-1,) + (1,) * (param.dim() - 1)) for param in params]
+        def rows(values: Tensor) -> Tensor:
+            return values.to(param).view(per_row)
 
-        on = active.to(torch.float64)  # the factors in float64, as row_lr, then cast
-        torch._foreach_lerp_(exp_avgs, grads, rows((1 - beta1) * on))
-        torch._foreach_mul_(exp_avg_sqs, rows(beta2 * on + (1 - on)))
-        squares = torch._foreach_mul(grads, grads)
-        torch._foreach_mul_(squares, rows((1 - beta2) * on))
-        torch._foreach_add_(exp_avg_sqs, squares)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, rows(correction2.sqrt()))
-        torch._foreach_add_(denom, eps)
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(updates, rows(self.row_lr / correction1 * on))
-        torch._foreach_sub_(params, updates)
+        active = self.active.to(param.device).view(per_row)
+        m_new = m.lerp(grad, 1 - beta1)
+        v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v_new.sqrt() / rows(correction2.sqrt())).add_(eps)
+        update = m_new / denom * rows(self.row_lr / correction1)
+        param.sub_(torch.where(active, update, torch.zeros((), dtype=param.dtype)))
+        m.copy_(torch.where(active, m_new, m))
+        v.copy_(torch.where(active, v_new, v))
 
     def state_dict(self):
         state = super().state_dict()
