@@ -28,10 +28,9 @@ import math
 import torch
 from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
-from torch.distributions.multivariate_normal import _batch_mv
 
 from ppl_vae.distributed import summed_over_group
-from ppl_vae.guides.local import LATENT
+from ppl_vae.guides.local import LATENT, tril_mv
 from ppl_vae.seeding import ROW_BLOCK, generator
 
 # The learning rate of a row is divided by LR_DECAY at each of its plateaus, LR_DECAYS
@@ -94,7 +93,7 @@ def reparameterized(fn, noise: Tensor) -> Tensor:
     if isinstance(fn, torch.distributions.Normal):
         return fn.loc + noise * fn.scale
     if isinstance(fn, torch.distributions.MultivariateNormal):
-        return fn.loc + _batch_mv(fn._unbroadcasted_scale_tril, noise)
+        return fn.loc + tril_mv(fn._unbroadcasted_scale_tril, noise)
     if isinstance(fn, torch.distributions.TransformedDistribution):
         value = reparameterized(fn.base_dist, noise)
         for transform in fn.transforms:
