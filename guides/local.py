@@ -279,21 +279,8 @@ class LocalFlow(LocalFull):
       with (s, t) from a one-hidden-layer tanh network of the kept half whose weights
       belong to datapoint n. The halves swap from one layer to the next.
 
-    Why this flow: it is exact and cheap both ways, and stays one vectorized fit. The
-    inverse of every layer is closed form (``asinh``/``sinh``; a coupling inverts with
-    one pass of its network), as is its log-Jacobian, so q scores any u, not only its
-    own draws, as an AIS initial distribution or a proposal scored at other points
-    needs. Every parameter is a plain (N, ...) tensor read by ``idx``: the
-    per-datapoint networks run as batched matrix products, with no loop over
-    datapoints. Couplings bend one half along any smooth function of the other (the
-    banana of a posterior with z2 ~ x - z1^2), which elementwise maps and triangular
-    linear maps cannot; the sinh-arcsinh layers add skew and heavier or lighter tails
-    per coordinate, also where d = 1 and a coupling has nothing to condition on. An
-    autoregressive flow would invert sequentially (d passes) and splines need a bin
-    search per inverse. The nonlinear layers act on standardized coordinates, before
-    the affine map, so they see the same scale for every datapoint. Each network's
-    output layer and every sinh-arcsinh start at zero, the identity: q is then exactly
-    the ``"full"`` Gaussian N(m_n, L_n L_n^T), so this family contains that one.
+    Each layer inverts in closed form, so q scores any u; it starts as the ``"full"``
+    Gaussian. Why this flow: :doc:`/guides`.
 
     Parameters
     ----------

@@ -13,14 +13,6 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[2] / "docs" / "_ext" / "api_coverage.py"
 MAX_LINES = 30
 
-# Still over 30 lines when this test was written (issue 23), most in files other work
-# was editing at the time. Shorten one, then delete it here: the test fails on a name
-# listed that no longer needs to be.
-PENDING = {
-    "ppl_vae.guides.LocalFlow",
-}
-
-
 def _public_docstrings():
     spec = importlib.util.spec_from_file_location("api_coverage", SOURCE)
     module = importlib.util.module_from_spec(spec)
@@ -39,11 +31,5 @@ def test_lines_counts_every_line_of_the_cleaned_docstring():
 
 def test_no_public_docstring_is_over_30_lines():
     too_long = {name: lines(doc) for name, doc in _public_docstrings().items()
-                if lines(doc) > MAX_LINES and name not in PENDING}
+                if lines(doc) > MAX_LINES}
     assert too_long == {}
-
-
-def test_the_pending_list_only_shrinks():
-    docs = _public_docstrings()
-    done = sorted(name for name in PENDING if lines(docs.get(name, "")) <= MAX_LINES)
-    assert done == [], f"within {MAX_LINES} lines now: remove from PENDING"
