@@ -1,8 +1,9 @@
 """The wheel ships every package of the repository (a subpackage missing from
 pyproject.toml installs without error and fails only at import)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
