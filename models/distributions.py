@@ -18,6 +18,8 @@ Pyro's), so every estimator, AIS and SVI reuse them through the model as before.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import pyro.distributions as dist
@@ -26,6 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# True while a trace is recorded whose observed values are its constants (set by the
+# caller that records it): a check on those values may then be frozen into the trace.
+_CONSTANT_OBSERVATIONS = contextvars.ContextVar("constant_observations", default=False)
+
+
+@contextlib.contextmanager
+def observations_constant_in_trace():
+    """Record a ``torch.jit.trace`` within this context only when the observed values
+    are constants of that trace (AIS's potential, a function of the latents alone): the
+    Bernoulli's binary check then holds for every call of the trace."""
+    token = _CONSTANT_OBSERVATIONS.set(True)
+    try:
+        yield
+    finally:
+        _CONSTANT_OBSERVATIONS.reset(token)
 
 
 def unbroadcast(t: Tensor) -> Tensor:
@@ -51,8 +68,10 @@ class Bernoulli(dist.Bernoulli):
     log p = logsigmoid((2x - 1) l)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
-        # A trace would freeze the check's answer: traced losses take Pyro's formula.
-        if "logits" not in self.__dict__ or torch.jit.is_tracing():
+        # A trace would freeze the check's answer: a trace whose data are inputs (the
+        # SVI loss) takes Pyro's formula.
+        frozen_check = torch.jit.is_tracing() and not _CONSTANT_OBSERVATIONS.get()
+        if "logits" not in self.__dict__ or frozen_check:
             return super().log_prob(value)
         small = unbroadcast(value)
         if not bool(((small == 0) | (small == 1)).all()):

@@ -322,17 +322,18 @@ def _run(model, guide, space, x, idx, num_data, betas, settings, reverse_from) -
     # autograd graph (and can be constants of a traced potential).
     with caller_rng_kept(), pyro.validation_enabled(False), frozen(model, guide):
         for chunk in chunks:
-            rows = torch.cat([b.rows for b in chunk]).to(x.device)
-            target = Target(model, guide, space, x[rows], idx[rows], num_data,
-                             jit=settings.jit)
-            exact = None if reverse_from is None else reverse_from[rows]
-            out = _anneal(target, chunk, betas, settings, exact, bar)
-            if bool(torch.isnan(out[0]).any()):
-                _refuse_nan(target, chunk, settings, exact, out[0])
-            real = torch.cat([b.real for b in chunk]).to(x.device)
+            # The chains run on the chunk's real rows; the padded rows only fix the draws.
+            padded = torch.cat([b.rows for b in chunk]).to(x.device)
             positions = torch.cat([b.positions for b in chunk]).to(x.device)
-            log_w[:, positions] = out[0][:, real]
-            acceptance[positions], step_size[positions] = out[1][real], out[2][real]
+            target = Target(model, guide, space, x[positions], idx[positions], num_data,
+                             jit=settings.jit)
+            noise = Noise(chunk, settings.seed, total, x[padded], idx[padded])
+            exact = None if reverse_from is None else reverse_from[positions]
+            out = _anneal(target, noise, betas, settings, exact, bar)
+            if bool(torch.isnan(out[0]).any()):
+                _refuse_nan(target, noise, exact, out[0])
+            log_w[:, positions] = out[0]
+            acceptance[positions], step_size[positions] = out[1], out[2]
     bar.close()
     owned = torch.zeros(n, dtype=torch.bool)
     for block in mine:
@@ -365,11 +366,10 @@ def _result(log_w, acceptance, step_size, num_steps, seconds, upper: bool) -> AI
     )
 
 
-def _anneal(target: Target, chunk: list[Block], betas: Tensor, settings: _Settings,
+def _anneal(target: Target, noise: Noise, betas: Tensor, settings: _Settings,
             exact: Tensor | None, bar) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of rows: (log weights [num_chains, B], acceptance [B], step size [B])."""
-    chains = settings.num_chains + settings.pilot_chains
-    noise = Noise(chunk, settings.seed, chains, target.x)
+    chains = noise.chains
     u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape).clone()
     rows = u.shape[1]
     eps = u.new_full((rows,), settings.step_size)
@@ -401,10 +401,9 @@ def _anneal(target: Target, chunk: list[Block], betas: Tensor, settings: _Settin
     return log_w[: settings.num_chains], acceptance, eps
 
 
-def _refuse_nan(target: Target, chunk, settings: _Settings, exact, log_w: Tensor) -> None:
+def _refuse_nan(target: Target, noise: Noise, exact, log_w: Tensor) -> None:
     """A NaN AIS weight: name the sites whose density is NaN at the chains' start."""
-    chains = settings.num_chains + settings.pilot_chains
-    noise = Noise(chunk, settings.seed, chains, target.x)
+    chains = noise.chains
     u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape)
     values, _ = target.space.unflatten(u)
     with torch.no_grad(), pyro.plate("particles", chains, dim=-2):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ppl_vae.densities import log_density, log_joint
 from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.models.distributions import observations_constant_in_trace
 from ppl_vae.seeding import Block, seed_torch
 from ppl_vae.seeding import generator as block_generator
 
@@ -63,7 +64,8 @@ class Target:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                traced = torch.jit.trace(self._plain_parts, (probe,), check_trace=False)
+                with observations_constant_in_trace():  # x is a constant of this trace
+                    traced = torch.jit.trace(self._plain_parts, (probe,), check_trace=False)
                 got, expected = traced(probe), self._plain_parts(probe)
             except Exception as error:  # noqa: BLE001 - any failure means: run it plainly
                 warnings.warn(f"the AIS potential could not be traced ({error}); running "
@@ -153,13 +155,21 @@ def hmc_transition(target: Target, u: Tensor, beta: float, eps: Tensor, leapfrog
 
 class Noise:
     """Momenta and uniforms drawn block by block from generators seeded by (seed, block),
-    so a row's chains do not depend on which other rows share its chunk."""
+    so a row's chains do not depend on which other rows share its chunk.
 
-    def __init__(self, chunk: list[Block], seed: int, chains: int, like: Tensor):
+    Each block's draws have the shape of its padded batch (``ROW_BLOCK`` slots), and
+    only its real slots are kept: the chunk's arithmetic runs on its real rows alone
+    (``x``/``idx`` are the padded rows of the chunk, block after block).
+    """
+
+    def __init__(self, chunk: list[Block], seed: int, chains: int, x: Tensor, idx: Tensor):
         self.chunk, self.seed, self.chains = chunk, seed, chains
-        self.generators = [block_generator(seed, b.number, 1, device=like.device)
+        self.x, self.idx = x, idx
+        self.generators = [block_generator(seed, b.number, 1, device=x.device)
                            for b in chunk]
-        self.options = {"device": like.device, "dtype": like.dtype}
+        self.options = {"device": x.device, "dtype": x.dtype}
+        # Per block: None when every slot is real, else the real slots' mask.
+        self.kept = [None if bool(b.real.all()) else b.real.to(x.device) for b in chunk]
 
     def initial(self, target: Target) -> Tensor:
         """Initial draws, block by block under the global generator seeded per block."""
@@ -168,17 +178,22 @@ class Noise:
         for i, block in enumerate(self.chunk):
             seed_torch(self.seed, block.number, 0)
             sub = Target(target.model, target.guide, target.space,
-                          target.x[i * width : (i + 1) * width],
-                          target.idx[i * width : (i + 1) * width], target.num_data)
-            pieces.append(sub.initial(self.chains))
+                         self.x[i * width : (i + 1) * width],
+                         self.idx[i * width : (i + 1) * width], target.num_data)
+            pieces.append(self._real(sub.initial(self.chains), i))
         return torch.cat(pieces, 1)
 
     def normal(self, shape) -> Tensor:
-        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
-        return torch.cat([torch.randn(per_block, generator=g, **self.options)
-                          for g in self.generators], 1)
+        return self._draw(torch.randn, shape)
 
     def uniform(self, shape) -> Tensor:
-        per_block = (shape[0], shape[1] // len(self.generators), *shape[2:])
-        return torch.cat([torch.rand(per_block, generator=g, **self.options)
-                          for g in self.generators], 1)
+        return self._draw(torch.rand, shape)
+
+    def _draw(self, draw, shape) -> Tensor:
+        per_block = (shape[0], len(self.chunk[0].rows), *shape[2:])
+        return torch.cat([self._real(draw(per_block, generator=g, **self.options), i)
+                          for i, g in enumerate(self.generators)], 1)
+
+    def _real(self, values: Tensor, block: int) -> Tensor:
+        kept = self.kept[block]
+        return values if kept is None else values[:, kept]

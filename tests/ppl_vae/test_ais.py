@@ -77,13 +77,13 @@ def test_one_hmc_kernel_leaves_a_gaussian_posterior_invariant(ppca):
     post = model.posterior(x1)
     chains = 4000
     space = ppl_vae.estimators.check_structure(model, x1)
-    block = next(iter(ppl_vae.seeding.blocks(torch.zeros(1, dtype=torch.long))))
-    noise = hmc.Noise([block], 0, chains, x1)
+    idx = torch.zeros(1, dtype=torch.long)
+    block = next(iter(ppl_vae.seeding.blocks(idx)))
+    noise = hmc.Noise([block], 0, chains, x1[block.rows], idx[block.rows])
     torch.manual_seed(0)
-    u = post.sample((chains,)).detach().expand(chains, 16, 2).clone()
-    target = hmc.Target(model, None, space, x1.expand(16, -1),
-                                torch.zeros(16, dtype=torch.long), 1)
-    eps = torch.full((16,), 0.05, dtype=torch.float64)
+    u = post.sample((chains,)).detach().clone()
+    target = hmc.Target(model, None, space, x1, idx, 1)
+    eps = torch.full((1,), 0.05, dtype=torch.float64)
     for _ in range(20):
         u, _ = hmc.hmc_transition(target, u, 1.0, eps, 5, noise)
     sample = u[:, 0]

@@ -1,0 +1,81 @@
+"""The models' lighter Normal and Bernoulli against torch's own densities."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributions as td
+
+from ppl_vae.models.distributions import Bernoulli, Normal, observations_constant_in_trace
+
+
+@pytest.mark.parametrize("loc_shape, scale_shape, value_shape", [
+    ((5,), (5,), (3, 4, 5)),        # a noise scale per data dimension, broadcast
+    ((4, 5), (), (3, 4, 5)),        # one scalar scale
+    ((3, 4, 5), (4, 1), (3, 4, 5)),  # a scale per row
+])
+def test_normal_log_prob_is_torchs_on_broadcast_scales(loc_shape, scale_shape, value_shape):
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(loc_shape, generator=g, dtype=torch.float64)
+    scale = torch.rand(scale_shape, generator=g, dtype=torch.float64) + 0.1
+    value = torch.randn(value_shape, generator=g, dtype=torch.float64)
+    ours = Normal(loc, scale).log_prob(value)
+    theirs = td.Normal(loc, scale).log_prob(value)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def _logits_and_binary(shape=(6, 4, 7)):
+    g = torch.Generator().manual_seed(1)
+    logits = 4 * torch.randn(shape, generator=g, dtype=torch.float64)
+    x = (torch.rand(shape[1:], generator=g) < 0.4).double()
+    return logits, x
+
+
+def test_bernoulli_log_prob_is_torchs_for_binary_and_for_other_values():
+    logits, x = _logits_and_binary()
+    expected = td.Bernoulli(logits=logits).log_prob(x.expand_as(logits))
+    torch.testing.assert_close(Bernoulli(logits=logits).log_prob(x), expected, rtol=0,
+                               atol=1e-12)
+    soft = torch.full_like(x, 0.3)  # not binary: the formula of the cross-entropy
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, soft.expand_as(logits), reduction="none")
+    dist = Bernoulli(logits=logits, validate_args=False)
+    torch.testing.assert_close(dist.log_prob(soft), expected, rtol=0, atol=1e-12)
+
+
+def _traced(fn, *inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(fn, inputs, check_trace=False)
+
+
+def test_a_trace_whose_data_are_inputs_does_not_freeze_the_binary_check():
+    # The SVI loss: traced on binary data, then called on other values, it must still
+    # give the cross-entropy, not logsigmoid((2x - 1) l), which is wrong off {0, 1}.
+    logits, x = _logits_and_binary()
+
+    def log_prob(logits, value):
+        return Bernoulli(logits=logits, validate_args=False).log_prob(value)
+
+    traced = _traced(log_prob, logits, x)
+    soft = torch.full_like(x, 0.3)
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, soft.expand_as(logits), reduction="none")
+    torch.testing.assert_close(traced(logits, soft), expected, rtol=0, atol=1e-12)
+
+
+def test_a_trace_with_constant_binary_data_takes_the_short_formula_and_is_exact():
+    logits, x = _logits_and_binary()
+
+    def log_prob(logits):  # x is a constant of the trace, as in AIS's potential
+        return Bernoulli(logits=logits).log_prob(x)
+
+    with observations_constant_in_trace():
+        traced = _traced(log_prob, logits)
+    kinds = {node.kind() for node in traced.graph.nodes()}
+    assert "aten::log_sigmoid" in kinds and "aten::binary_cross_entropy_with_logits" not in kinds
+    other = logits.flip(0)
+    expected = td.Bernoulli(logits=other).log_prob(x.expand_as(other))
+    torch.testing.assert_close(traced(other), expected, rtol=0, atol=1e-12)
