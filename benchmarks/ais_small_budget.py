@@ -7,15 +7,23 @@ batch's mean acceptance probability is above 0.65, by 0.98 otherwise (kept in [1
 0.5]). Its step size is steered by the very chains it weighs, so its weights are not
 exactly unbiased; ``ppl_vae.ais`` steers from separate pilot chains instead.
 
-On the digits VAE of ``ppl-vae gaps`` (VAE(64, 8, (200, 200)), trained here with
-``ppl_vae.fit`` for ``--epochs`` epochs and cached under ``--out``), both run with the
-same number of steps and chains on the first ``--points`` test digits; the table gives
-ours - theirs per datapoint (paired), its mean and standard error, at each step count.
+Two models, each trained here with ``ppl_vae.fit`` and cached under ``--out``:
 
-    python -m benchmarks.ais_small_budget [--steps 30 100 1000] [--chains 16] [--label after]
+- ``--model digits``: the digits VAE of ``ppl-vae gaps``, VAE(64, 8, (200, 200)),
+  ``--epochs`` (200) epochs on the embedded digits; the first ``--points`` test digits.
+- ``--model mnist``: the MNIST VAE, VAE(784, 50, (200, 200)), 60 epochs on a
+  seeded random subset of 50000 rows of statically binarized MNIST (``--data-root`` or
+  ``PPL_VAE_DATA``); ``--points`` seeded test points.
+
+Both AIS run with the same number of steps and chains; the table gives ours - theirs
+per datapoint (paired), its mean and standard error, at each step count.
+
+    python -m benchmarks.ais_small_budget [--model mnist] [--steps 30 100 1000] \
+        [--chains 16] [--label after]
 
 Each measurement is written to ``benchmarks/results/ais_small_budget.json`` as soon as
-it is done (keys ``ours/<label>/<steps>`` and ``cremer/<steps>``); a rerun skips it.
+it is done (keys ``ours/<label>/<steps>`` and ``cremer/<steps>``, prefixed ``mnist/``
+for the MNIST VAE); a rerun skips it.
 """
 
 from __future__ import annotations
@@ -65,15 +73,22 @@ def cremer_ais(decoder, x: torch.Tensor, num_steps: int, num_chains: int, *,
     return torch.logsumexp(log_w, 0) - math.log(num_chains)
 
 
-def digits_vae(out: Path, epochs: int) -> VAE:
-    """The digits VAE, trained once and cached in ``out``."""
-    path = out / f"digits_vae_{epochs}.pt"
+# name: (data dim, latent dim, epochs of training or None for --epochs, training rows)
+MODELS = {"digits": (64, 8, None, None), "mnist": (784, 50, 60, 50000)}
+
+
+def trained_vae(name: str, out: Path, epochs: int, data_root) -> VAE:
+    """The ``name`` VAE of MODELS, trained once (seed 0) and cached in ``out``."""
+    data_dim, latent, fixed_epochs, rows = MODELS[name]
+    epochs = fixed_epochs or epochs
+    path = out / f"{name}_vae_{epochs}.pt"
     torch.manual_seed(0)
-    model, encoder = VAE(64, 8, hidden=(200, 200)), MLPEncoder(64, 8, hidden=(200, 200))
+    model = VAE(data_dim, latent, hidden=(200, 200))
+    encoder = MLPEncoder(data_dim, latent, hidden=(200, 200))
     if path.exists():
         model.load_state_dict(torch.load(path))
     else:
-        x = ppl_vae.load_dataset("digits", "train", binarize="static")
+        x = _data(name, "train", data_root, rows)
         ppl_vae.fit(model, encoder, x, epochs=epochs, batch_size=100, lr=1e-3, seed=0,
                     progress=False)
         out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +96,13 @@ def digits_vae(out: Path, epochs: int) -> VAE:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _data(name: str, split: str, data_root, rows: int | None) -> torch.Tensor:
+    if name == "digits":
+        x = ppl_vae.load_dataset("digits", split, binarize="static")
+        return x if rows is None else x[:rows]
+    return ppl_vae.load_dataset("binarized_mnist", split, root=data_root, limit=rows, seed=0)
 
 
 def ours(model, x, steps: int, chains: int, seed: int) -> dict:
@@ -102,16 +124,16 @@ def paired(a: list, b: list) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
 
 
-def print_table(results: dict, labels: list[str], steps: list[int]) -> None:
+def print_table(results: dict, labels: list[str], steps: list[int], prefix: str = "") -> None:
     print(row("steps", "Cremer-style", *(f"ours ({label}) - theirs (se)" for label in labels)))
     print(row("---:", "---:", *("---:" for _ in labels)))
     for s in steps:
-        ref = results.get(f"cremer/{s}")
+        ref = results.get(f"{prefix}cremer/{s}")
         if ref is None:
             continue
         cells = []
         for label in labels:
-            got = results.get(f"ours/{label}/{s}")
+            got = results.get(f"{prefix}ours/{label}/{s}")
             if got is None:
                 cells.append("")
                 continue
@@ -122,6 +144,8 @@ def print_table(results: dict, labels: list[str], steps: list[int]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="digits")
+    parser.add_argument("--data-root", default=None, help="MNIST's folder (or PPL_VAE_DATA)")
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100, 1000])
     parser.add_argument("--chains", type=int, default=16)
     parser.add_argument("--points", type=int, default=100)
@@ -134,14 +158,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = digits_vae(args.out, args.epochs)
-    x = ppl_vae.load_dataset("digits", "test", binarize="static")[: args.points]
+    model = trained_vae(args.model, args.out, args.epochs, args.data_root)
+    x = _data(args.model, "test", args.data_root, args.points)
+    prefix = "" if args.model == "digits" else f"{args.model}/"
     store = Store(args.json)
     for s in args.steps:
-        store.run(f"cremer/{s}", lambda s=s: theirs(model, x, s, args.chains, args.seed))
-        store.run(f"ours/{args.label}/{s}", lambda s=s: ours(model, x, s, args.chains, args.seed))
-    print(f"\ndigits VAE, {len(x)} test points, {args.chains} chains, from the prior")
-    print_table(store.results, [*args.compare, args.label], args.steps)
+        store.run(f"{prefix}cremer/{s}", lambda s=s: theirs(model, x, s, args.chains, args.seed))
+        store.run(f"{prefix}ours/{args.label}/{s}",
+                  lambda s=s: ours(model, x, s, args.chains, args.seed))
+    print(f"\n{args.model} VAE, {len(x)} test points, {args.chains} chains, from the prior")
+    print_table(store.results, [*args.compare, args.label], args.steps, prefix)
 
 
 if __name__ == "__main__":
