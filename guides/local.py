@@ -418,25 +418,44 @@ class _SinhArcsinh(Transform):
         self._inner: tuple = (None, None)
 
     def _call(self, x: Tensor) -> Tensor:
-        a = self.tail * torch.asinh(x) - self.skew
-        self._inner = (x, a)
+        inner, hypot = asinh_and_hypot(x)
+        a = self.tail * inner - self.skew
+        self._inner = (x, a, hypot)
         return torch.sinh(a)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        a = torch.asinh(y)
+        a = asinh_and_hypot(y)[0]
         x = torch.sinh((a + self.skew) / self.tail)
-        self._inner = (x, a)
+        self._inner = (x, a, None)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # tau asinh(x) - sigma (= asinh(y)) from the last _call or _inverse at this x:
         # asinh is the dearest op of the layer, so the log-density of a draw reuses it.
-        cached_x, a = self._inner
+        cached_x, a, hypot = self._inner
         if cached_x is not x:
-            a = self.tail * torch.asinh(x) - self.skew
+            inner, hypot = asinh_and_hypot(x)
+            a = self.tail * inner - self.skew
+        elif hypot is None:
+            hypot = torch.hypot(torch.ones_like(x), x)
         log_cosh = a.abs() + torch.log1p(torch.exp(-2 * a.abs())) - math.log(2)
-        # d asinh(x)/dx = 1 / hypot(1, x), written so that large |x| cannot overflow.
-        return (self.tail.log() + log_cosh - torch.hypot(torch.ones_like(x), x).log()).sum(-1)
+        # d asinh(x)/dx = 1 / hypot(1, x), which cannot overflow for large |x|.
+        return (self.tail.log() + log_cosh - hypot.log()).sum(-1)
+
+
+def asinh_and_hypot(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(asinh(x), hypot(1, x)) elementwise, without ``torch.asinh``.
+
+    torch's asinh runs at about 23 ns a value on CPU (no vector kernel), ten times its
+    neighbours; this is the same function from vectorized ops, to float rounding:
+    asinh(x) = sign(x) log1p(|x| + |x| (|x| / (1 + hypot(1, x)))), where the second
+    term is x^2 / (1 + sqrt(1 + x^2)) written so that nothing overflows, and log1p keeps
+    small |x| exact. Its gradient is exact except at x = 0 exactly (0 instead of 1).
+    """
+    magnitude = x.abs()
+    hypot = torch.hypot(torch.ones_like(x), x)
+    inner = torch.log1p(magnitude + magnitude * (magnitude / (1 + hypot)))
+    return torch.copysign(inner, x), hypot
 
 
 class _Triangular(Transform):

@@ -28,21 +28,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-# True while a trace is recorded whose observed values are its constants (set by the
-# caller that records it): a check on those values may then be frozen into the trace.
-_CONSTANT_OBSERVATIONS = contextvars.ContextVar("constant_observations", default=False)
+# True while a trace is recorded whose calls all give the Bernoulli's binary check the
+# same answer (set by the caller that records it): the check may then be frozen into it.
+_CHECK_MAY_BE_FROZEN = contextvars.ContextVar("binary_check_may_be_frozen", default=False)
 
 
 @contextlib.contextmanager
-def observations_constant_in_trace():
-    """Record a ``torch.jit.trace`` within this context only when the observed values
-    are constants of that trace (AIS's potential, a function of the latents alone): the
-    Bernoulli's binary check then holds for every call of the trace."""
-    token = _CONSTANT_OBSERVATIONS.set(True)
+def binary_check_may_be_frozen():
+    """Record ``torch.jit.trace`` within this context only when the Bernoulli's check
+    that its observed values are binary gives the same answer at every call of the
+    trace: the values are constants of the trace (AIS's potential, a function of the
+    latents alone), or every batch the trace will see is binary (``fit`` on binary
+    data). The short formula log p = logsigmoid((2x - 1) l) then goes into the trace."""
+    token = _CHECK_MAY_BE_FROZEN.set(True)
     try:
         yield
     finally:
-        _CONSTANT_OBSERVATIONS.reset(token)
+        _CHECK_MAY_BE_FROZEN.reset(token)
 
 
 def unbroadcast(t: Tensor) -> Tensor:
@@ -68,9 +70,9 @@ class Bernoulli(dist.Bernoulli):
     log p = logsigmoid((2x - 1) l)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
-        # A trace would freeze the check's answer: a trace whose data are inputs (the
-        # SVI loss) takes Pyro's formula.
-        frozen_check = torch.jit.is_tracing() and not _CONSTANT_OBSERVATIONS.get()
+        # A trace freezes the check's answer: unless its caller says that answer holds
+        # at every call, a trace takes Pyro's formula.
+        frozen_check = torch.jit.is_tracing() and not _CHECK_MAY_BE_FROZEN.get()
         if "logits" not in self.__dict__ or frozen_check:
             return super().log_prob(value)
         small = unbroadcast(value)

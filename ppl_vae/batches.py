@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 class Batches:
-    """Row indices of shuffled epochs, with a state a checkpoint can hold."""
+    """Row indices of shuffled epochs, with a state a checkpoint can hold; all rows in
+    order when a batch holds them all."""
 
     def __init__(self, num_data: int, batch_size: int, seed: int | None, device):
         self.num_data, self.batch_size, self.device = num_data, batch_size, device
@@ -19,6 +20,10 @@ class Batches:
         self.position = 0
 
     def next(self) -> Tensor:
+        if self.batch_size >= self.num_data:
+            # A full batch is every row in order: its sum does not depend on the order,
+            # and a local guide then reads its per-row parameters whole (no gather).
+            return torch.arange(self.num_data, device=self.device)
         if self.order is None or self.position >= self.num_data:
             self.order = torch.randperm(self.num_data, generator=self.generator)
             self.position = 0

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ppl_vae.densities import log_density, log_joint
 from ppl_vae.guides.latent_space import LatentSpace
-from ppl_vae.models.distributions import observations_constant_in_trace
+from ppl_vae.models.distributions import binary_check_may_be_frozen
 from ppl_vae.seeding import Block, seed_torch
 from ppl_vae.seeding import generator as block_generator
 
@@ -64,7 +64,7 @@ class Target:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                with observations_constant_in_trace():  # x is a constant of this trace
+                with binary_check_may_be_frozen():  # x is a constant of this trace
                     traced = torch.jit.trace(self._plain_parts, (probe,), check_trace=False)
                 got, expected = traced(probe), self._plain_parts(probe)
             except Exception as error:  # noqa: BLE001 - any failure means: run it plainly

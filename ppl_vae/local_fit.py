@@ -123,8 +123,9 @@ def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, 
     def noise(step: int) -> Tensor:
         return row_noise(seed, len(x), shape, step, dtype=x.dtype, device=x.device)
 
-    noised = Noised(guide, noise(0))
-    measured = Noised(guide, noise(EVAL_STREAM))
+    # A full batch holds every row in order at every step (ppl_vae.batches.Batches).
+    noised = Noised(guide, noise(0), whole=batch_size == len(x))
+    measured = Noised(guide, noise(EVAL_STREAM), whole=True)
     everything = torch.arange(len(x), device=x.device)
 
     def measure() -> Tensor:

@@ -107,14 +107,19 @@ class Noised(nn.Module):
 
     Row ``idx[b]`` of a minibatch reads ``noise[:, idx[b]]``. The noise is a buffer, so a
     traced loss (``ppl_vae.traced.TracedLoss``) takes it as an input at every call.
+    ``whole=True`` is for a fit whose every call holds all N rows in order (``fit``'s
+    full batch): the guide then reads its parameters and the noise whole, without the
+    gathers (and their scatters in the backward pass) that ``idx`` would cost.
     """
 
-    def __init__(self, guide: nn.Module, noise: Tensor):
+    def __init__(self, guide: nn.Module, noise: Tensor, *, whole: bool = False):
         super().__init__()
-        self.guide = guide
+        self.guide, self.whole = guide, whole
         self.register_buffer("noise", noise, persistent=False)
 
     def forward(self, x: Tensor, idx: Tensor | None = None, num_data: int | None = None):
+        if self.whole:
+            idx = None
         noise = self.noise if idx is None else self.noise[:, idx]
         with _FromNoise(noise):
             return self.guide(x, idx, num_data)
@@ -139,6 +144,7 @@ class RowAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         steps = self.row_steps + self.active
+        self._all_active = bool(self.active.all())
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             # Bias corrections per row; a row not yet stepped (inactive) divides by 1.
@@ -161,6 +167,12 @@ class RowAdam(torch.optim.Optimizer):
         def rows(values: Tensor) -> Tensor:
             return values.to(param).view(per_row)
 
+        if self._all_active:  # the same arithmetic in place: 8 passes instead of 14
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = v.sqrt().div_(rows(correction2.sqrt())).add_(eps)
+            param.sub_(torch.div(m, denom).mul_(rows(self.row_lr / correction1)))
+            return
         active = self.active.to(param.device).view(per_row)
         m_new = m.lerp(grad, 1 - beta1)
         v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)

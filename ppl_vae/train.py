@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -25,6 +26,7 @@ from ppl_vae.densities import refuse_nan_in_trace
 from ppl_vae.distributed import agree, rank_and_size, wrapped
 from ppl_vae.gradients import check_gradient, check_reparameterized, estimator
 from ppl_vae.interrupts import Interrupted, Signals
+from ppl_vae.models.distributions import binary_check_may_be_frozen
 from ppl_vae.objectives import LR_SCHEDULES, Warmup, loss_of, lr_factor, make_optimizer
 from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
@@ -199,7 +201,10 @@ def fit_trusted(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
         progress, saver = False, Saver(None, None, {})
     # The model's gradients are off while the guide is fitted alone.
     model_frozen = frozen(None if train_model else model)
-    with model_frozen, pyro.validation_enabled(False), Signals() as signals:
+    # Binary batches at every step: a traced loss may take the Bernoulli's short formula.
+    binary = as_seen is torch.bernoulli or bool(((x == 0) | (x == 1)).all())
+    short_formula = binary_check_may_be_frozen() if binary else contextlib.nullcontext()
+    with model_frozen, pyro.validation_enabled(False), Signals() as signals, short_formula:
         # Wrapped once the model is frozen: DDP syncs only what requires grad.
         run.loss_fn = wrapped(TracedLoss(loss_fn) if jit else loss_fn)
         _loop(run, x, as_seen, callback, saver, signals, progress)

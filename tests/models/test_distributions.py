@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributions as td
 
-from ppl_vae.models.distributions import Bernoulli, Normal, observations_constant_in_trace
+from ppl_vae.models.distributions import Bernoulli, Normal, binary_check_may_be_frozen
 
 
 @pytest.mark.parametrize("loc_shape, scale_shape, value_shape", [
@@ -72,7 +72,7 @@ def test_a_trace_with_constant_binary_data_takes_the_short_formula_and_is_exact(
     def log_prob(logits):  # x is a constant of the trace, as in AIS's potential
         return Bernoulli(logits=logits).log_prob(x)
 
-    with observations_constant_in_trace():
+    with binary_check_may_be_frozen():
         traced = _traced(log_prob, logits)
     kinds = {node.kind() for node in traced.graph.nodes()}
     assert "aten::log_sigmoid" in kinds and "aten::binary_cross_entropy_with_logits" not in kinds
