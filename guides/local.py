@@ -449,8 +449,10 @@ def asinh_and_hypot(x: Tensor) -> tuple[Tensor, Tensor]:
     torch's asinh runs at about 23 ns a value on CPU (no vector kernel), ten times its
     neighbours; this is the same function from vectorized ops, to float rounding:
     asinh(x) = sign(x) log1p(|x| + |x| (|x| / (1 + hypot(1, x)))), where the second
-    term is x^2 / (1 + sqrt(1 + x^2)) written so that nothing overflows, and log1p keeps
-    small |x| exact. Its gradient is exact except at x = 0 exactly (0 instead of 1).
+    term is x^2 / (1 + sqrt(1 + x^2)) written so that it cannot overflow, and log1p keeps
+    small |x| exact. Valid for |x| below half the dtype's largest value (8e37 in float32,
+    where the layer's sinh overflows long before); its gradient is exact except at
+    x = 0 exactly (0 instead of 1).
     """
     magnitude = x.abs()
     hypot = torch.hypot(torch.ones_like(x), x)

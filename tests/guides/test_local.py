@@ -255,3 +255,32 @@ def test_tril_mv_is_the_broadcast_matrix_product():
     for shape in [(6, 3), (4, 6, 3), (2, 4, 6, 3)]:
         x = torch.randn(shape, dtype=torch.float64)
         torch.testing.assert_close(tril_mv(tril, x), (tril @ x.unsqueeze(-1)).squeeze(-1))
+
+
+def test_asinh_and_hypot_match_torch_to_float_rounding_over_every_scale():
+    from ppl_vae.guides.local import asinh_and_hypot
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-30, 1e-8, 1e-3, 0.3, 1.0, 3.0, 1e3, 1e8, 1e30], dtype=torch.float64)
+    x = (torch.randn(9, 2000, generator=g, dtype=torch.float64) * scales[:, None]).flatten()
+    x = x.requires_grad_(True)
+    asinh, hypot = asinh_and_hypot(x)
+    torch.testing.assert_close(asinh, torch.asinh(x.detach()), rtol=1e-14, atol=0)
+    torch.testing.assert_close(hypot, torch.sqrt(1 + x.detach().square()), rtol=1e-14, atol=0)
+    (grad,) = torch.autograd.grad(asinh.sum(), x)
+    torch.testing.assert_close(grad, 1 / torch.sqrt(1 + x.detach().square()), rtol=1e-13,
+                               atol=0)
+    # In float32, where x^2 overflows above ~1.8e19, nothing does (up to |x| ~ 8e37).
+    big = torch.tensor([-5e37, -1e20, 1e20, 5e37])
+    torch.testing.assert_close(asinh_and_hypot(big)[0], torch.asinh(big.double()).float())
+
+
+def test_a_full_batch_is_every_row_in_order_at_every_step():
+    from ppl_vae.batches import Batches
+
+    batches = Batches(10, 10, seed=0, device="cpu")
+    for _ in range(3):
+        assert torch.equal(batches.next(), torch.arange(10))
+    shuffled = Batches(10, 4, seed=0, device="cpu")
+    epoch = torch.cat([shuffled.next() for _ in range(3)])
+    assert sorted(epoch.tolist()) == list(range(10)) and not torch.equal(epoch, torch.arange(10))
