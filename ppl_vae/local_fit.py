@@ -71,11 +71,8 @@ def fit_local(
     init_from : guide, optional
         Where each row starts (a Gaussian encoder is copied); the prior's moments if None.
     steps, lr, num_particles, batch_size, tol, window, progress, seed : optional
-        Most Adam steps (None: the family's, ``SCHEDULES``), initial rate, samples per
-        gradient, rows per step (None: all); the per-row plateau rule; a progress bar;
-        the seed. For "flow" the guide's gradient sticks the landing (log q
-        scored with its parameters stopped, :mod:`ppl_vae.gradients`) and every row's
-        rate also follows a cosine from ``lr`` to zero over ``steps``.
+        Most Adam steps (None: the family's ``SCHEDULES``; the flow's rates go to zero
+        over them), initial rate, particles, rows per step (None: all); the plateau rule.
 
     Returns
     -------
