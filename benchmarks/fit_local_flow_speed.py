@@ -6,8 +6,9 @@
 ``--checkpoint`` holds ``{"model": state_dict}`` of a trained ``VAE(784, --latent-dim,
 hidden=--hidden)`` (``benchmarks.local_fit_rows`` writes one; so does a plain
 ``torch.save``). Every fit is the default ``fit_local(model, x, family, seed=0)`` on the
-first ``--points`` binarized MNIST test points, started at the prior, with the plateau
-rule deciding each row's steps (at most 3000), exactly as ``gaps`` runs it.
+first ``--points`` binarized MNIST test points, started at the prior, with each tree's
+default schedule (up to 3000 steps under the plateau rule before issue 21; 1000 steps of
+the sticking gradient on a cosine for the flow after it).
 
 Each fit runs in a fresh worker process, on this tree or on ``--baseline`` (another
 checkout of the repository, for example ``git worktree add /tmp/wt-base main``), in
@@ -76,6 +77,7 @@ def test_points(args):
 def worker(args) -> None:
     """One timed fit on ``args.tree``; its guide's state goes to ``args.guide_out``."""
     use_tree(Path(args.tree))
+    import inspect
     import time
 
     import torch
@@ -88,9 +90,12 @@ def worker(args) -> None:
     # Warm the process (imports, first trace of a shape) on another fit, untimed.
     local_fit.fit_local_trusted(model, x[:2], args.family, init_from=None, steps=5,
                                 lr=3e-2, num_particles=8, progress=False, seed=1)
+    # fit_local's own default steps in that tree (3000 before issue 21; None, the
+    # family's, after it), so that each side runs its default fit.
+    steps = inspect.signature(local_fit.fit_local).parameters["steps"].default
     start = time.perf_counter()
     guide, result = local_fit.fit_local_trusted(
-        model, x, args.family, init_from=None, steps=3000, lr=3e-2, num_particles=8,
+        model, x, args.family, init_from=None, steps=steps, lr=3e-2, num_particles=8,
         progress=False, seed=0)
     seconds = time.perf_counter() - start
     torch.save(guide.state_dict(), args.guide_out)

@@ -192,7 +192,7 @@ def gaps(
     *,
     local: str | None = None,
     num_samples: int = 5000,
-    local_steps: int = 3000,
+    local_steps: int | None = None,
     local_lr: float = 3e-2,
     local_particles: int = 8,
     match_family: bool = True,
@@ -220,7 +220,8 @@ def gaps(
     log_px : {"auto", "exact", "is", "ais"}
         "auto": exact where the model has ``marginal()``, else importance sampling.
     local_steps, local_lr, local_particles, ais_steps, ais_chains, seed, progress, plate
-        The local fit's budget (see :func:`ppl_vae.fit_local`), AIS's for
+        The local fit's budget (see :func:`ppl_vae.fit_local`; steps None: the
+        family's), AIS's for
         ``log_px="ais"``, the seed, the progress bar, and the data plate's name.
 
     Examples
@@ -239,7 +240,8 @@ def gaps(
     # the local fit, not after it.
     model, guide, space = as_checked_programs(model, guide, x, plate=plate)
     num_samples = positive_int(num_samples, "num_samples")
-    positive_int(local_steps, "local_steps")
+    if local_steps is not None:
+        positive_int(local_steps, "local_steps")
     positive_int(local_particles, "local_particles")
     method = _log_px_method(model, log_px)
     if method == "ais":

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered, rank_and_size
+from ppl_vae.gradients import stopped
 from ppl_vae.objectives import DifferentiableELBO
+from ppl_vae.row_convergence import Noised
 
 
 def owned_rows(num_data: int, device=None) -> Tensor | None:
@@ -43,16 +45,21 @@ class LocalELBO(DifferentiableELBO):
         The model's latent sites (the guide's sites of the same names are conditioned on).
     owned : BoolTensor of shape (num_data,), optional
         Rows whose terms enter the loss; all when None.
+    sticking : bool
+        The guide's gradient by sticking the landing (:mod:`ppl_vae.gradients`): log q
+        of the draws is scored with the guide's parameters stopped, which drops the
+        score term (zero in expectation). The loss's value is unchanged.
     """
 
-    def __init__(self, num_particles: int, latent_names: list[str], owned: Tensor | None):
+    def __init__(self, num_particles: int, latent_names: list[str], owned: Tensor | None,
+                 *, sticking: bool = False):
         super().__init__(num_particles=num_particles, max_plate_nesting=1,
                          vectorize_particles=True)
-        self.latent_names, self.owned = list(latent_names), owned
+        self.latent_names, self.owned, self.sticking = list(latent_names), owned, sticking
 
     def differentiable_loss(self, model, guide, x, idx=None, num_data=None) -> Tensor:
         """Minus this rank's share of the ELBO, scaled to the whole dataset."""
-        values, _ = self._owned_terms(model, guide, x, idx, num_data)
+        values, _ = self._owned_terms(model, guide, x, idx, num_data, self.sticking)
         return -values.sum() * (num_data / len(x))
 
     def row_elbo(self, model, guide, x, idx, num_data) -> Tensor:
@@ -66,12 +73,14 @@ class LocalELBO(DifferentiableELBO):
         out[keep] = values
         return out
 
-    def _owned_terms(self, model, guide, x, idx, num_data) -> tuple[Tensor, Tensor | None]:
+    def _owned_terms(self, model, guide, x, idx, num_data, sticking=False
+                     ) -> tuple[Tensor, Tensor | None]:
         """Per-row ELBO estimates (B',) of the owned rows, and which rows they are."""
         k, batch = self.num_particles, len(x)
         with pyro.plate("particles", k, dim=-2):
             guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
-        log_q = log_density(guide_trace, (k, batch))
+        log_q = (_stopped_log_q(guide, guide_trace, k, x, idx, num_data) if sticking
+                 else log_density(guide_trace, (k, batch)))
         values = {name: guide_trace.nodes[name]["value"] for name in self.latent_names}
         keep = None
         if self.owned is not None:
@@ -85,6 +94,20 @@ class LocalELBO(DifferentiableELBO):
             model_trace = poutine.trace(conditioned).get_trace(x, idx, num_data)
         log_p = log_density(model_trace, (k, len(x)))
         return (log_p - log_q).mean(0), keep
+
+
+def _stopped_log_q(guide, guide_trace, k, x, idx, num_data) -> Tensor:
+    """log q (K, B) of the guide's draws in ``guide_trace`` with its parameters stopped.
+
+    The draws keep their path to the parameters. A ``Noised`` guide is replayed without
+    its noise: the replayed values make the draw from the noise needless.
+    """
+    inner = guide.guide if isinstance(guide, Noised) else guide
+    if isinstance(guide, Noised) and guide.whole:
+        idx = None
+    with stopped(inner), pyro.plate("particles", k, dim=-2):
+        replayed = poutine.trace(poutine.replay(inner, trace=guide_trace))
+        return log_density(replayed.get_trace(x, idx, num_data), (k, len(x)))
 
 
 def gather_rows(guide: nn.Module, owned: Tensor | None) -> None:

@@ -205,8 +205,10 @@ class RowPlateau:
     jitter of Adam's iterates around the optimum). A row whose window average has not
     beaten its best by ``tol`` for ``PATIENCE`` windows in a row is at a plateau: its
     rate is divided by ``LR_DECAY``, and at its plateau after ``LR_DECAYS`` decays it
-    stops. Rows outside
-    ``owned`` (another rank's) are stopped from the start.
+    stops. With ``steps``, every row's rate is also multiplied by the cosine factor
+    ``(1 + cos(pi t / steps)) / 2`` of the step t (the same for every row, so a row's
+    path still depends on its own draws only), which brings each row to rest by the
+    last step. Rows outside ``owned`` (another rank's) are stopped from the start.
 
     Parameters
     ----------
@@ -214,11 +216,14 @@ class RowPlateau:
         The ELBO of every row on the fixed draws (NaN where not owned).
     set_step : callable(step)
         Loads the training noise of step ``step`` into the guide.
+    steps : int, optional
+        The fit's most steps, over which the rates follow the cosine; none if None.
     """
 
     def __init__(self, lr: float, num_rows: int, *, tol: float, window: int, measure,
-                 set_step, owned: Tensor | None = None):
+                 set_step, owned: Tensor | None = None, steps: int | None = None):
         self.lr, self.num_rows, self.tol, self.window = lr, num_rows, tol, window
+        self.steps = steps
         self.measure, self.set_step = measure, set_step
         self.every = max(1, window // MEASURES)
         self.owned = owned.cpu() if owned is not None else None
@@ -244,6 +249,9 @@ class RowPlateau:
             self.sums.zero_()
             self.count = 0
         self.set_step(step + 1)
+        if self.steps is not None:
+            factor = 0.5 * (1 + math.cos(math.pi * min((step + 1) / self.steps, 1.0)))
+            self._optimizer.row_lr = self.lr / LR_DECAY ** self.decays.double() * factor
         left = int(self._optimizer.active.sum())
         return (left if self.owned is None else summed_over_group(left)) == 0
 
