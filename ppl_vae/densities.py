@@ -152,13 +152,19 @@ def refuse_nan_in_trace(model, guide, x: Tensor, idx: Tensor, num_data: int,
                         particles: int = 16) -> None:
     """Draw ``particles`` samples of the guide on ``x`` and raise a ValueError naming
     any model or guide site whose log-density is NaN (a loss that became NaN is then a
-    bug in the model, not a learning rate too large)."""
+    bug in the model, not a learning rate too large). A guide that cannot be run so
+    returns quietly, and the caller's FloatingPointError stands."""
     shape = (particles, len(x))
-    with torch.no_grad(), pyro.validation_enabled(False), \
-            pyro.plate("particles", particles, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
-        replayed = poutine.replay(model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False), \
+                pyro.plate("particles", particles, dim=-2):
+            guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
+            replayed = poutine.replay(model, trace=guide_trace)
+            model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
+    # A diagnosis that cannot run (a guide fed fixed noise of its own particle count,
+    # say) must not hide the caller's error.
+    except Exception:  # noqa: BLE001
+        return
     found = nan_sites({"model": model_trace, "guide": guide_trace}, shape, idx)
     if found:
         raise ValueError(

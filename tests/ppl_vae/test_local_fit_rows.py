@@ -69,3 +69,18 @@ def test_row_adam_is_adam_with_a_rate_per_row_and_frozen_rows_stay_put():
     torch.testing.assert_close(mine[1:2], slow, rtol=1e-6, atol=1e-7)
     assert torch.equal(mine[3], torch.zeros(3))
     assert torch.equal(ours.state[mine]["exp_avg"][3], torch.zeros(3))
+
+
+def test_a_failed_local_step_keeps_its_floating_point_error(tiny_vae, monkeypatch):
+    # The NaN diagnosis draws 16 particles; a local guide fed 8 particles of fixed noise
+    # cannot be run so, and that must not replace the fit's own error.
+    from ppl_vae import train
+
+    model, x = tiny_vae
+
+    def failing(*args, **kwargs):
+        raise FloatingPointError("the loss became -inf at step 0")
+
+    monkeypatch.setattr(train, "_step", failing)
+    with pytest.raises(FloatingPointError, match="-inf"):
+        ppl_vae.fit_local(model, x, "flow", steps=5, progress=False, seed=0)
