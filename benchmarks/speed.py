@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import math
 import os
@@ -332,9 +333,11 @@ def _plain_gradient_fit_local(model, x, family: str, steps: int, particles: int)
     x = as_data(x, model)
     model, _ = as_programs(model, None, x)
     check_structure(model, x[:1])
-    return fit_local_trusted(model, x, family, init_from=None, steps=steps, lr=3e-2,
-                             num_particles=particles, window=steps, progress=False, seed=0,
-                             sticking=False, anneal=False)[0]
+    options = dict(init_from=None, steps=steps, lr=3e-2, num_particles=particles,
+                   window=steps, progress=False, seed=0)
+    if "sticking" in inspect.signature(fit_local_trusted).parameters:
+        options.update(sticking=False, anneal=False)  # older trees, for A/B runs, lack both
+    return fit_local_trusted(model, x, family, **options)[0]
 
 
 def _local_problem(model, x, family: str):
