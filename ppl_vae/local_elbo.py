@@ -46,7 +46,7 @@ class LocalELBO(DifferentiableELBO):
     owned : BoolTensor of shape (num_data,), optional
         Rows whose terms enter the loss; all when None.
     sticking : bool
-        The guide's gradient by sticking the landing (:mod:`ppl_vae.gradients`): log q
+        The guide's gradient by sticking the landing (``ppl_vae.gradients``): log q
         of the draws is scored with the guide's parameters stopped, which drops the
         score term (zero in expectation). The loss's value is unchanged.
     """
