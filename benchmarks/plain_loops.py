@@ -158,7 +158,9 @@ def vae_ais(decoder, loc: Tensor, scale: Tensor, x: Tensor, num_steps: int, num_
 
     The arithmetic of ``ppl_vae.ais(model, x, proposal=encoder)`` written out: sigmoid
     schedule, HMC with ``leapfrog`` steps, one step size per datapoint steered by
-    ``pilot`` extra chains toward ``target`` (their weights are dropped).
+    ``pilot`` extra chains toward ``target`` (their weights are dropped). Written as a
+    plain loop is: every transition evaluates its start again, where the library hands
+    on the densities and gradients that the last transition ended at.
     """
     chains = num_chains + pilot
     z = loc + scale * torch.randn(chains, *loc.shape)

@@ -296,10 +296,13 @@ def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) ->
         lambda: wall(lambda: ppl_vae.ais(model, x, proposal=guide, num_steps=steps,
                                          num_chains=chains, seed=0, progress=False)),
         lambda: wall(reference), ais_repeats(sizes, points, chains, steps))
-    # 11 gradients per transition (its start and 10 leapfrog steps), each a decoder pass
-    # and its input-gradient pass, over the real and the pilot chains.
+    # The library's work: 10 gradients per transition (one per leapfrog step; the start
+    # is the previous transition's end, the first one is computed), each a decoder pass
+    # and its input-gradient pass, over the real and the pilot chains. The plain loop
+    # evaluates every start again: 11 gradients and a forward pass.
     rows = points * (chains + plain.PILOT_CHAINS)
-    flops = 2 * points * macs(guide.net) + (steps - 1) * 11 * 2 * 2 * rows * macs(model.decoder)
+    gradients = (steps - 1) * 10 + 1
+    flops = 2 * points * macs(guide.net) + gradients * 2 * 2 * rows * macs(model.decoder)
     return figures(lib, ref, flops, rate)
 
 
@@ -473,6 +476,8 @@ def main(argv=None) -> None:
     if args.table:
         print(table(json.loads(args.json.read_text())[mode]))
         return
+    if args.compare and not args.json.exists():
+        parser.error(f"--compare reads the committed results at --json {args.json}: no such file")
     sizes = QUICK if args.quick else FULL
     out = COMPARE_OUT if args.compare else args.json
     if args.compare and out.exists() and not args.resume:

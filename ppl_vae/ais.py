@@ -52,7 +52,7 @@ from ppl_vae.ais_results import AISResult, BDMCResult
 from ppl_vae.densities import nan_sites
 from ppl_vae.distributed import gathered, my_share
 from ppl_vae.guides.latent_space import LatentSpace
-from ppl_vae.hmc import Noise, Target, hmc_transition, parts_nograd
+from ppl_vae.hmc import Noise, Target, hmc_transition
 from ppl_vae.programs import as_programs
 from ppl_vae.seeding import Block, base_seed, blocks, caller_rng_kept, check_seed
 from ppl_vae.settings import frozen, module_local
@@ -374,6 +374,7 @@ def _anneal(target: Target, noise: Noise, betas: Tensor, settings: _Settings,
     """One chunk of rows: (log weights [num_chains, B], acceptance [B], step size [B])."""
     chains = noise.chains
     u = noise.initial(target) if exact is None else exact.expand(chains, *exact.shape).clone()
+    here = target.values(u)  # then each transition hands on the Point it ends at
     rows = u.shape[1]
     eps = u.new_full((rows,), settings.step_size)
     log_w = u.new_zeros(chains, rows)
@@ -386,10 +387,10 @@ def _anneal(target: Target, noise: Noise, betas: Tensor, settings: _Settings,
         beta_here, beta_before = betas[t], betas[t - 1]
         next_beta = (betas[t] if t < steps else None) if exact is None else (
             betas[t - 1] if t > 1 else None)
-        log_q, log_p = parts_nograd(target, u)
-        log_w += (beta_here - beta_before) * (log_p - log_q)
+        log_w += (beta_here - beta_before) * (here.log_p - here.log_q)
         if next_beta is not None:
-            u, accept = hmc_transition(target, u, next_beta, eps, settings.leapfrog_steps, noise)
+            here, accept = hmc_transition(target, here, next_beta, eps,
+                                          settings.leapfrog_steps, noise)
             real = accept[: settings.num_chains].mean(0)
             accept_sum += real
             if settings.adapt:

@@ -1,15 +1,18 @@
 """The annealing path's potential and HMC's moves: what one AIS chunk runs on.
 
-:class:`Target` gives log q(u), log p(x, u) and the gradient of log f_beta for a chunk of
-rows (optionally through a traced potential, checked against the plain one); a
-transition moves every chain with HMC; :class:`Noise` draws momenta and uniforms per
-block of rows from generators seeded by (seed, block), so a row's chains do not depend on
-the rows beside it.
+:class:`Target` gives log q(u), log p(x, u) and their gradients for a chunk of rows
+(optionally through a traced potential, checked against the plain one) as a
+:class:`Point`; a transition moves every chain with HMC and returns the Point it ends
+at, so that neither the next weight nor the next transition's first gradient is
+computed again; :class:`Noise` draws momenta and uniforms per block of rows from
+generators seeded by (seed, block), so a row's chains do not depend on the rows beside
+it.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -24,7 +27,7 @@ from ppl_vae.seeding import generator as block_generator
 
 
 class Target:
-    """log q(u), log p(x, u) and the gradient of the path's log f_beta for one chunk."""
+    """log q(u), log p(x, u) and their gradients (as :class:`Point`) for one chunk."""
 
     def __init__(self, model, guide, space: LatentSpace, x, idx, num_data, jit=False):
         self.model, self.guide, self.space = model, guide, space
@@ -49,6 +52,34 @@ class Target:
 
     def parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(log q(u), log p(x, u)), each of shape (C, B), in the unconstrained space."""
+        if self.q is not None:
+            return self.q.log_prob(u), self._potential(u)[0]
+        return self._potential(u)
+
+    def point(self, u: Tensor, beta: float) -> Point:
+        """The densities at u and their gradients: log q's and log p's apart when q is a
+        fixed distribution (the Point then serves every beta), else d/du log f_beta."""
+        with torch.enable_grad():
+            if self.q is not None:
+                # Two leaves: one backward pass gives both gradients, each of its own part.
+                at_q, at_p = u.detach().requires_grad_(True), u.detach().requires_grad_(True)
+                log_q, (log_p,) = self.q.log_prob(at_q), self._potential(at_p)
+                grad_q, grad_p = torch.autograd.grad(log_q.sum() + log_p.sum(), (at_q, at_p))
+                return Point(u.detach(), log_q.detach(), log_p.detach(), grad_q, grad_p)
+            u = u.detach().requires_grad_(True)
+            log_q, log_p = self._potential(u)
+            log_f = (1.0 - beta) * log_q + beta * log_p
+            (grad,) = torch.autograd.grad(log_f.sum(), u)
+        return Point(u.detach(), log_q.detach(), log_p.detach(), None, grad, beta)
+
+    def values(self, u: Tensor) -> Point:
+        """The densities at u, without gradients."""
+        with torch.no_grad():
+            log_q, log_p = self.parts(u)
+        return Point(u, log_q, log_p, None, None, None)
+
+    def _potential(self, u: Tensor) -> tuple[Tensor, ...]:
+        """What the trace holds: (log p,) when q is fixed, else (log q, log p)."""
         if self._traced is not False:
             traced = self._traced.get(u.shape)
             if traced is None:
@@ -79,31 +110,55 @@ class Target:
             return False
         return traced
 
-    def _plain_parts(self, u: Tensor) -> tuple[Tensor, Tensor]:
+    def _plain_parts(self, u: Tensor) -> tuple[Tensor, ...]:
         log_prior, log_lik = log_joint(self.model, self.space, self.x, self.idx,
                                        self.num_data, u)
         log_p = log_prior + log_lik
+        if self.q is not None:
+            return (log_p,)
         if self.guide is None:
             return log_prior, log_p
         return self._log_q(u), log_p
 
     def _log_q(self, u: Tensor) -> Tensor:
-        if self.q is not None:
-            return self.q.log_prob(u)
         values, log_det = self.space.unflatten(u)
         with pyro.plate("particles", u.shape[0], dim=-2):
             conditioned = poutine.condition(self.guide, data=values)
             trace = poutine.trace(conditioned).get_trace(self.x, self.idx, self.num_data)
         return log_density(trace, tuple(u.shape[:2])) + log_det
 
-    def with_grad(self, u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(log q, log p, d/du log f_beta) at u; NaN gradients where a density is not finite."""
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            log_q, log_p = self.parts(u)
-            log_f = (1.0 - beta) * log_q + beta * log_p
-            (grad,) = torch.autograd.grad(log_f.sum(), u)
-        return log_q.detach(), log_p.detach(), grad
+
+@dataclass(frozen=True)
+class Point:
+    """Chains at u (C, B, d) with log q and log p there (C, B), and their gradients:
+    ``grad_q`` and ``grad_p`` apart (then any beta's gradient follows), or, with
+    ``grad_q`` None, ``grad_p`` holds d/du log f at ``beta`` alone (None: no gradient)."""
+
+    u: Tensor
+    log_q: Tensor
+    log_p: Tensor
+    grad_q: Tensor | None = None
+    grad_p: Tensor | None = None
+    beta: float | None = None
+
+    def log_f(self, beta: float) -> Tensor:
+        return (1.0 - beta) * self.log_q + beta * self.log_p
+
+    def has_grad(self, beta: float) -> bool:
+        return self.grad_q is not None or (self.grad_p is not None and self.beta == beta)
+
+    def grad(self, beta: float) -> Tensor:
+        if self.grad_q is None:
+            return self.grad_p
+        return (1.0 - beta) * self.grad_q + beta * self.grad_p
+
+    def where(self, moved: Tensor, other: Point) -> Point:
+        """``other`` at the chains where ``moved`` (C, B), this Point elsewhere."""
+        grads = [None if a is None else torch.where(moved[..., None], b, a)
+                 for a, b in ((self.grad_q, other.grad_q), (self.grad_p, other.grad_p))]
+        return Point(torch.where(moved[..., None], other.u, self.u),
+                     torch.where(moved, other.log_q, self.log_q),
+                     torch.where(moved, other.log_p, self.log_p), *grads, other.beta)
 
 
 def fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):
@@ -128,29 +183,23 @@ def fixed_distribution(guide, space: LatentSpace, x: Tensor, idx: Tensor):
     return q
 
 
-def parts_nograd(target: Target, u: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        return target.parts(u)
-
-
-def hmc_transition(target: Target, u: Tensor, beta: float, eps: Tensor, leapfrog_steps: int,
-         noise: Noise) -> tuple[Tensor, Tensor]:
-    """One HMC transition at ``beta`` for every chain and row: (new u, acceptance prob)."""
+def hmc_transition(target: Target, start: Point, beta: float, eps: Tensor,
+                   leapfrog_steps: int, noise: Noise) -> tuple[Point, Tensor]:
+    """One HMC transition at ``beta`` for every chain and row: (the Point it ends at,
+    acceptance prob). ``start``'s gradient is reused where it serves this beta."""
+    if not start.has_grad(beta):
+        start = target.point(start.u, beta)
     step = eps[:, None]  # [B, 1] broadcasts over chains and dims
-    momentum = noise.normal(u.shape)
-    log_q, log_p, grad = target.with_grad(u, beta)
-    log_f0 = (1 - beta) * log_q + beta * log_p
-    h0 = -log_f0 + 0.5 * momentum.square().sum(-1)
-    position, p = u, momentum + 0.5 * step * grad
+    momentum = noise.normal(start.u.shape)
+    h0 = -start.log_f(beta) + 0.5 * momentum.square().sum(-1)
+    here, p = start, momentum + 0.5 * step * start.grad(beta)
     for i in range(leapfrog_steps):
-        position = position + step * p
-        log_q, log_p, grad = target.with_grad(position, beta)
-        p = p + (step if i < leapfrog_steps - 1 else 0.5 * step) * grad
-    log_f1 = (1 - beta) * log_q + beta * log_p
-    h1 = -log_f1 + 0.5 * p.square().sum(-1)
+        here = target.point(here.u + step * p, beta)
+        p = p + (step if i < leapfrog_steps - 1 else 0.5 * step) * here.grad(beta)
+    h1 = -here.log_f(beta) + 0.5 * p.square().sum(-1)
     accept_prob = torch.exp(torch.clamp(h0 - h1, max=0.0)).nan_to_num(0.0)
     accepted = noise.uniform(accept_prob.shape) < accept_prob
-    return torch.where(accepted[..., None], position, u), accept_prob
+    return start.where(accepted, here), accept_prob
 
 
 class Noise:

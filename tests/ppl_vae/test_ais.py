@@ -84,9 +84,10 @@ def test_one_hmc_kernel_leaves_a_gaussian_posterior_invariant(ppca):
     u = post.sample((chains,)).detach().clone()
     target = hmc.Target(model, None, space, x1, idx, 1)
     eps = torch.full((1,), 0.05, dtype=torch.float64)
+    here = target.values(u)
     for _ in range(20):
-        u, _ = hmc.hmc_transition(target, u, 1.0, eps, 5, noise)
-    sample = u[:, 0]
+        here, _ = hmc.hmc_transition(target, here, 1.0, eps, 5, noise)
+    sample = here.u[:, 0]
     mean, cov = post.mean.detach()[0], post.covariance_matrix.detach()[0]
     se = (cov.diagonal() / chains).sqrt()
     assert ((sample.mean(0) - mean).abs() < 4 * se).all()
