@@ -49,15 +49,13 @@ PROPOSALS = ("guide", "prior")
 # Samples per seeded unit of work: a unit is that many samples of ROW_BLOCK (16) rows,
 # run as one vectorized call. It is part of what the draws of a seeded evaluation are, so
 # it depends on nothing but the data's width D (not on the call, its chunks or its
-# processes): SAMPLE_BLOCK for wide data, more for narrow data, where each call's Python
-# would otherwise cost more than its arithmetic (UNIT_VALUES values of x per unit).
-# 128 x 16 samples of a 784-pixel decoder keep each temporary near 6 MB: at 256 (13 MB)
-# the MNIST VAE's log p(x) took 1.47x as long on one thread, most of it spent faulting
-# in the fresh pages that the allocator hands out for buffers that large.
-SAMPLE_BLOCK = 128
+# processes): SAMPLE_BLOCK for wide data (256 x 16 samples of a 784-pixel decoder keep
+# each temporary near 13 MB), more for narrow data, where each call's Python would
+# otherwise cost more than its arithmetic (UNIT_VALUES values of x per unit).
+SAMPLE_BLOCK = 256
 MAX_SAMPLE_BLOCK = 4096
 UNIT_VALUES = 2**18
-# Seeded units of work from which an estimate shows a progress bar (~0.5 s of a VAE).
+# Seeded units of work from which an estimate shows a progress bar (~1 s of a VAE).
 PROGRESS_UNITS = 64
 
 
