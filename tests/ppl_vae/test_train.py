@@ -136,7 +136,8 @@ def test_a_late_blow_up_rolls_back_to_the_step_before_it(setup):
     # parameters must be those an uninterrupted run has after the same steps.
     model, guide, x = setup
     start = {**snapshot(model), **snapshot(guide)}
-    reference = ppl_vae.fit(model, guide, x, num_steps=130, batch_size=64, seed=3, lr=1e-2,
+    reference = ppl_vae.fit(model, guide, x, num_steps=130, batch_size=64, seed=3,
+                            optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
                             progress=False)
     expected = {**snapshot(model), **snapshot(guide)}
     model.load_state_dict({k: start[k] for k in snapshot(model)})
