@@ -17,6 +17,7 @@ from ppl_vae.estimators import (
 )
 from ppl_vae.gaps import evaluation_seed
 from ppl_vae.local_fit import initial_local, local_family
+from ppl_vae.objectives import make_optimizer
 from ppl_vae.programs import as_programs
 from ppl_vae.row_convergence import (
     LR_DECAY,
@@ -125,7 +126,7 @@ def refine(
         pyro.set_rng_seed(seed)
     eval_seed = evaluation_seed(seed)
     params = list(local.parameters())
-    optimizer = schedule.optimizer(params) if schedule else torch.optim.Adam(params, lr=lr)
+    optimizer = schedule.optimizer(params) if schedule else make_optimizer(None, params, lr)
     loss = _particle_elbo(num_particles)
     done, record = 0, [(0, *_mean_elbo(model, local, x, num_samples, eval_seed))]
     with tqdm(total=steps, disable=not progress, desc="refine", unit="step") as bar:
@@ -172,7 +173,7 @@ class _Plateau:
         self._optimizer = None
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        self._optimizer = make_optimizer(None, params, self.lr)  # fit's default Adam
         return self._optimizer
 
     def __call__(self, step: int, elbo: float) -> bool:

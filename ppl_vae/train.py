@@ -108,8 +108,7 @@ def fit(
     epochs, num_steps, batch_size : int
         Exactly one of passes over the data or optimizer steps; rows per step (None: N).
     lr, optimizer, lr_schedule, clip_norm : optional
-        Adam's rate (fused where torch can; or a ``torch.optim`` class or factory), its
-        schedule, a gradient-norm bound.
+        (Fused) Adam's rate, or a ``torch.optim`` class; its schedule; a gradient bound.
     loss, objective, num_particles, gradient, kl_warmup : optional
         A Pyro ELBO, or "elbo"/"iwae" with K samples; "reparam"/"stl"/"dreg"; warm-up.
     seed, progress, callback, train_model, binarize, jit, plate : optional
