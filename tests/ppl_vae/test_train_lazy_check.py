@@ -75,6 +75,12 @@ def x(ppca_truth):
     return ppca_truth[1][:300]
 
 
+def assert_state(expected, *modules):
+    """The modules hold ``expected`` (from :func:`states`) bit for bit."""
+    after = states(*modules)
+    assert all(torch.equal(after[k], v) for k, v in expected.items())
+
+
 def reference(x, steps, model_class=PPCA):
     model, guide = fresh(x, model_class)
     fit(model, guide, x, steps, bad=10**9)
@@ -88,8 +94,7 @@ def test_a_blow_up_between_snapshots_is_found_from_the_next_loss(x):
     model, guide = fresh(x)
     with pytest.raises(FloatingPointError, match="parameters became NaN or inf at step 130"):
         fit(model, guide, x, 140, bad=130)
-    after = states(model, guide)
-    assert all(torch.equal(after[k], v) for k, v in expected.items())
+    assert_state(expected, model, guide)
 
 
 def test_a_blow_up_at_the_last_step_is_found_at_the_end(x):
@@ -97,8 +102,7 @@ def test_a_blow_up_at_the_last_step_is_found_at_the_end(x):
     model, guide = fresh(x)
     with pytest.raises(FloatingPointError, match="at step 129"):
         fit(model, guide, x, 130, bad=129)
-    after = states(model, guide)
-    assert all(torch.equal(after[k], v) for k, v in expected.items())
+    assert_state(expected, model, guide)
 
 
 def test_a_blow_up_no_loss_shows_is_found_before_a_checkpoint_is_written(x, tmp_path):
@@ -111,8 +115,7 @@ def test_a_blow_up_no_loss_shows_is_found_before_a_checkpoint_is_written(x, tmp_
     with pytest.raises(FloatingPointError, match="at step 105"):
         fit(model, guide, x, 150, bad=105, hit=lambda p: p is shelf,
             checkpoint=path, checkpoint_every=20)
-    after = states(model, guide)
-    assert all(torch.equal(after[k], v) for k, v in expected.items())
+    assert_state(expected, model, guide)
     saved = load(path)
     assert saved["step"] == 100
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
@@ -125,5 +128,4 @@ def test_a_blow_up_no_loss_shows_is_found_at_the_next_snapshot(x):
     shelf = model.shelf
     with pytest.raises(FloatingPointError, match="at step 150"):
         fit(model, guide, x, 250, bad=150, hit=lambda p: p is shelf)
-    after = states(model, guide)
-    assert all(torch.equal(after[k], v) for k, v in expected.items())
+    assert_state(expected, model, guide)
