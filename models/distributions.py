@@ -33,6 +33,21 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _CHECK_MAY_BE_FROZEN = contextvars.ContextVar("binary_check_may_be_frozen", default=False)
 
 
+# True while torch.fx records a loss and its gradients (ppl_vae.joint_trace): values
+# cannot be read in Python then, so the Bernoulli's check is either frozen or skipped.
+_RECORDING = contextvars.ContextVar("recording_with_fx", default=False)
+
+
+@contextlib.contextmanager
+def recording_with_fx():
+    """Within this context torch.fx records the code that runs (no value can be read)."""
+    token = _RECORDING.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
 @contextlib.contextmanager
 def binary_check_may_be_frozen():
     """Record ``torch.jit.trace`` within this context only when the Bernoulli's check
@@ -49,13 +64,24 @@ def binary_check_may_be_frozen():
 
 def unbroadcast(t: Tensor) -> Tensor:
     """A view of ``t`` with its broadcast (stride-0) dims cut to size 1."""
-    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
-                  for size, stride in zip(t.shape, t.stride(), strict=True))
-    return t[index]
+    # One narrow per broadcast dim and no op for the others: in a traced, differentiated
+    # loss every view is a node of the backward pass too.
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 class Normal(dist.Normal):
     """``pyro.distributions.Normal``; its log density costs three passes over the values."""
+
+    def rsample(self, sample_shape=()) -> Tensor:
+        # torch's draws through torch.normal(zeros, ones) while a trace is recorded (two
+        # arrays made and one op of three passes at every call of the trace); randn draws
+        # the same numbers from the generator in one pass.
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + eps * self.scale
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
@@ -65,6 +91,26 @@ class Normal(dist.Normal):
         return -0.5 * standardized.square() - (scale.log() + _HALF_LOG_2PI)
 
 
+class StandardNormal(Normal):
+    """``Normal(0, 1)``: the prior of the linear-Gaussian models. Its log density
+    is -z^2/2 - log(2 pi)/2, with no pass for the zero loc and unit scale (in a traced,
+    differentiated loss each pass is two nodes, one forward and one backward).
+
+    Built as ``StandardNormal(loc, scale)`` from tensors that hold zeros and ones (their
+    shapes and dtype are the distribution's); ``expand`` keeps the class.
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return -0.5 * value.square() - _HALF_LOG_2PI
+
+
+def standard_normal(like: Tensor, size: int) -> StandardNormal:
+    """N(0, I_size) in the dtype and device of ``like``."""
+    return StandardNormal(like.new_zeros(size), like.new_ones(()).expand(size))
+
+
 class Bernoulli(dist.Bernoulli):
     """``pyro.distributions.Bernoulli``; with logits and binary values,
     log p = logsigmoid((2x - 1) l)."""
@@ -72,11 +118,14 @@ class Bernoulli(dist.Bernoulli):
     def log_prob(self, value: Tensor) -> Tensor:
         # A trace freezes the check's answer: unless its caller says that answer holds
         # at every call, a trace takes Pyro's formula.
-        frozen_check = torch.jit.is_tracing() and not _CHECK_MAY_BE_FROZEN.get()
+        recording = _RECORDING.get()
+        may_freeze = _CHECK_MAY_BE_FROZEN.get()
+        frozen_check = (torch.jit.is_tracing() or recording) and not may_freeze
         if "logits" not in self.__dict__ or frozen_check:
             return super().log_prob(value)
         small = unbroadcast(value)
-        if not bool(((small == 0) | (small == 1)).all()):
+        # fx cannot read the check's answer; the caller vouches that it is yes.
+        if not (recording or bool(((small == 0) | (small == 1)).all())):
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)

@@ -16,7 +16,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ppl_vae.models.blocks import data_plate, positive_dim
-from ppl_vae.models.distributions import Normal
+from ppl_vae.models.distributions import Normal, standard_normal
 
 
 class LinearGaussian(PyroModule):
@@ -38,9 +38,7 @@ class LinearGaussian(PyroModule):
         W, mu = self.W, self.mu
         noise_scale = self.noise_variance().sqrt()
         with data_plate(x, idx, num_data):
-            z = pyro.sample(
-                "z", Normal(W.new_zeros(self.latent_dim), 1.0).to_event(1)
-            )
+            z = pyro.sample("z", standard_normal(W, self.latent_dim).to_event(1))
             x_loc = z @ W.T + mu
             return pyro.sample("x", Normal(x_loc, noise_scale).to_event(1), obs=x)
 

@@ -32,6 +32,7 @@ from torch.distributions import (
 )
 
 from ppl_vae.guides.latent_space import is_latent_site
+from ppl_vae.models.distributions import Normal as LibraryNormal  # loc + eps * scale too
 from ppl_vae.seeding import ROW_BLOCK, Block, generator
 
 # Values of x a group of blocks may span (particles x rows x D): about 1 MB of float32
@@ -52,8 +53,8 @@ def group_size(data_dim: int, samples: int) -> int:
 
 def draws_gaussian_noise(fn) -> bool:
     """Whether a site's draw is a reparameterized Gaussian (or a Delta): see module doc."""
-    return type(_leaf(fn)).rsample in (Normal.rsample, MultivariateNormal.rsample,
-                                       Delta.rsample)
+    return type(_leaf(fn)).rsample in (Normal.rsample, LibraryNormal.rsample,
+                                       MultivariateNormal.rsample, Delta.rsample)
 
 
 def gaussian_latents(trace) -> bool:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 import torch.distributions as td
 
-from ppl_vae.models.distributions import Bernoulli, Normal, binary_check_may_be_frozen
+from ppl_vae.models.distributions import (
+    Bernoulli,
+    Normal,
+    StandardNormal,
+    binary_check_may_be_frozen,
+    standard_normal,
+)
 
 
 @pytest.mark.parametrize("loc_shape, scale_shape, value_shape", [
@@ -24,6 +31,28 @@ def test_normal_log_prob_is_torchs_on_broadcast_scales(loc_shape, scale_shape, v
     ours = Normal(loc, scale).log_prob(value)
     theirs = td.Normal(loc, scale).log_prob(value)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_standard_normal_is_the_closed_form_and_stays_one_when_expanded():
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64).reshape(3, 3)
+    prior = standard_normal(z, 3).expand((3,)).to_event(1)
+    assert isinstance(prior.base_dist, StandardNormal)
+    closed_form = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(prior.log_prob(z), closed_form, rtol=0, atol=1e-12)
+    assert prior.base_dist.loc.dtype == torch.float64 and prior.event_shape == (3,)
+
+
+@pytest.mark.parametrize("sample_shape", [(), (4,), (2, 3)])
+def test_normal_draws_torchs_numbers_in_one_pass(sample_shape):
+    loc, scale = torch.randn(5, 2), torch.rand(2) + 0.5
+    torch.manual_seed(7)
+    ours = Normal(loc, scale).rsample(sample_shape)
+    torch.manual_seed(7)
+    theirs = td.Normal(loc, scale).rsample(sample_shape)
+    assert torch.equal(ours, theirs)
+    traced = torch.jit.trace(lambda m, s: Normal(m, s).rsample(), (loc, scale))
+    kinds = {node.kind() for node in traced.graph.nodes()}
+    assert "aten::randn" in kinds and "aten::normal" not in kinds
 
 
 def _logits_and_binary(shape=(6, 4, 7)):
