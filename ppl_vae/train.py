@@ -32,7 +32,7 @@ from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
 from ppl_vae.settings import frozen, module_local
 from ppl_vae.structure import check_guide_covers, check_observed, check_supports
-from ppl_vae.traced import TracedLoss
+from ppl_vae.traced import RECORD_GRADIENTS_FROM_STEPS, TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
 # Steps between the in-memory snapshots that a NaN rollback replays from. The parameters
@@ -210,7 +210,10 @@ def fit_trusted(model, guide, x, *, as_seen=None, batch_size, total, lr=1e-3, op
     short_formula = binary_check_may_be_frozen() if binary else contextlib.nullcontext()
     with model_frozen, pyro.validation_enabled(False), Signals() as signals, short_formula:
         # Wrapped once the model is frozen: DDP syncs only what requires grad.
-        run.loss_fn = wrapped(TracedLoss(loss_fn) if jit else loss_fn)
+        # Whether to record the gradients too is a function of the call (its total steps),
+        # so a resumed run takes the same path as an uninterrupted one.
+        traced = TracedLoss(loss_fn, record_gradients=total >= RECORD_GRADIENTS_FROM_STEPS)
+        run.loss_fn = wrapped(traced if jit else loss_fn)
         _loop(run, x, as_seen, callback, saver, signals, progress)
     return run.result()
 
