@@ -15,7 +15,9 @@ Items:
   128; the VAE with FlowEncoder (2 couplings), batch 100; random binary data of MNIST's
   shape (a step's cost does not depend on the pixels). ``fit`` takes Adam's fused kernel
   by default, the plain loop torch's default Adam; the loop is also timed with the fused
-  kernel (``ratio_to_fused_adam_loop``), which tells the optimizer's share.
+  kernel (``ratio_to_fused_adam_loop``), which tells the optimizer's share. Runs of 100
+  steps or more (both modes) record the loss with its gradients
+  (``ppl_vae.traced.RECORD_GRADIENTS_FROM_STEPS``), as a user's fit does.
 - ``log_marginal/*``: ``ppl_vae.log_marginal`` with K=1000, on 100 MNIST-size points of
   that VAE (against IWAE with all K at once), and on PPCA(13, 2) of the standardized
   wine data (178 points; also against ``pyro.infer.Importance``).
@@ -91,7 +93,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(fit_steps=30, fit_repeats=3, lm_points=50, lm_repeats=2,
+QUICK = Sizes(fit_steps=100, fit_repeats=3, lm_points=50, lm_repeats=2,
               ais_grid=((16, 8, 40), (50, 8, 20)), ais_repeats=2, local_points=16,
               local_steps=30, local_repeats=2, importance_repeats=1)
 

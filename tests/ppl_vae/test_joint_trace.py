@@ -16,7 +16,7 @@ from ppl_vae.guides import FlowEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE
 from ppl_vae.models.distributions import binary_check_may_be_frozen
 from ppl_vae.programs import as_programs
-from ppl_vae.traced import CHECKED_CALLS, TracedLoss
+from ppl_vae.traced import CHECKED_CALLS, RECORD_GRADIENTS_FROM_STEPS, TracedLoss
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(60, 5, generator=G)
@@ -161,3 +161,24 @@ def test_fit_with_the_recorded_gradients_follows_the_plain_fit(case):
                                 seed=4, progress=False, jit=jit).history)
     torch.testing.assert_close(torch.as_tensor(runs[0]), torch.as_tensor(runs[1]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_resumed_fit_with_recorded_gradients_ends_where_an_uninterrupted_one_does(tmp_path):
+    steps = RECORD_GRADIENTS_FROM_STEPS + 20  # long enough to record the gradients
+
+    def run(**options):
+        model, guide, x = _modules("ppca")
+        ppl_vae.fit(model, guide, x, num_steps=steps, batch_size=16, lr=1e-2, seed=4,
+                    progress=False, **options)
+        return {**model.state_dict(), **guide.state_dict()}
+
+    def interrupt(step, elbo):
+        if step == 57:
+            raise KeyboardInterrupt
+
+    expected = run()
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=path, callback=interrupt)
+    resumed = run(checkpoint=path, resume=True)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
