@@ -9,12 +9,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 import ppl_vae
 from ppl_vae.guides import FlowEncoder, LinearEncoder, MLPEncoder
 from ppl_vae.models import PPCA, VAE
 from ppl_vae.models.distributions import binary_check_may_be_frozen
+from ppl_vae.objectives import IWAE
 from ppl_vae.programs import as_programs
 from ppl_vae.traced import CHECKED_CALLS, RECORD_GRADIENTS_FROM_STEPS, TracedLoss
 
@@ -89,10 +91,35 @@ def _plain_loss_and_grads(module, params, x, idx, num_data, seed):
     return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
 
-@pytest.mark.parametrize("case", ["ppca", "vae", "flow", "functions"])
-def test_recorded_loss_and_gradients_are_autograds(case):
+def one_site_model(x):
+    w = pyro.param("w1", lambda: torch.full((2, x.shape[-1]), 0.3))
+    with pyro.plate("N", x.shape[0]):
+        a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("obs", dist.Normal(a @ w, 1.0).to_event(1), obs=x)
+
+
+def _case(case):
+    """(loss module, data) of a model, guide and objective."""
+    if case == "iwae":
+        model, guide, x = _modules("ppca")
+        return IWAE(5)(model, guide), x
+    if case == "particles":
+        model, guide, x = _modules("ppca")
+        return Trace_ELBO(num_particles=4, vectorize_particles=True,
+                          max_plate_nesting=1)(model, guide), x
+    if case == "autonormal":
+        model, guide = as_programs(one_site_model, AutoNormal(one_site_model), X)
+        module = Trace_ELBO(max_plate_nesting=1)(model, guide)
+        module(X, idx=torch.arange(len(X)), num_data=len(X))  # the autoguide's parameters
+        return module, X
     model, guide, x = _modules(case)
-    module = Trace_ELBO(max_plate_nesting=1)(model, guide)
+    return Trace_ELBO(max_plate_nesting=1)(model, guide), x
+
+
+@pytest.mark.parametrize("case", ["ppca", "vae", "flow", "functions", "iwae", "particles",
+                                  "autonormal"])
+def test_recorded_loss_and_gradients_are_autograds(case):
+    module, x = _case(case)
     params = [p for p in module.parameters() if p.requires_grad]
     traced = TracedLoss(module)
     idx = torch.arange(20, 52)
