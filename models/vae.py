@@ -19,7 +19,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ppl_vae.models.blocks import MLP, data_plate, network, positive_dim
-from ppl_vae.models.distributions import Bernoulli, Normal
+from ppl_vae.models.distributions import Bernoulli, Normal, StandardNormal
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -91,7 +91,8 @@ class VAE(PyroModule):
         self, x: Tensor | None = None, idx: Tensor | None = None, num_data: int | None = None
     ) -> Tensor:
         with data_plate(x, idx, num_data):
-            z = pyro.sample("z", Normal(self.prior_loc, self.prior_scale).to_event(1))
+            prior = StandardNormal(self.prior_loc, self.prior_scale)  # buffers of 0s, 1s
+            z = pyro.sample("z", prior.to_event(1))
             return pyro.sample("x", self._likelihood(network(self, "decoder")(z)), obs=x)
 
     def _likelihood(self, out: Tensor) -> dist.TorchDistribution:
