@@ -184,12 +184,14 @@ class TracedLoss(nn.Module):
 
 
 def _close(got: Tensor, expected: Tensor) -> bool:
-    return bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-6))
+    # NaN in both agrees: the loss is NaN whatever runs it, and fit then names the site,
+    # rather than warning that the model's structure is not static.
+    return bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True))
 
 
 def _close_arrays(got: Tensor, expected: Tensor) -> bool:
     # Gradients: the same ops in the same order, so equal up to rounding; the absolute
     # tolerance follows the array's own size.
     atol = 1e-6 * max(1.0, float(expected.abs().max())) if expected.numel() else 0.0
-    return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-5,
-                                                               atol=atol))
+    return got.shape == expected.shape and bool(
+        torch.allclose(got, expected, rtol=1e-5, atol=atol, equal_nan=True))
