@@ -31,6 +31,11 @@ Items:
     python -m benchmarks.speed [--resume]         # the full grid, written item by item
     python -m benchmarks.speed --table            # the README table from the JSON
 
+Each item also records the minor page faults of its timed calls (``library_faults``,
+``plain_faults``: the fewest over the repeats). glibc faults fresh pages in for large
+temporaries it has handed back, at about 2 us a page here: a ratio between a run that
+faults and one that does not measures glibc, not the code.
+
 Results go to ``benchmarks/results/speed.json`` under "quick" or "full" (``--compare``
 writes ``runs/speed_compare.json`` instead and prints the ratios that grew by more than
 10% against the committed figures).
@@ -46,6 +51,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -106,11 +112,23 @@ def best_alternating(library, reference, repeats: int, *, also=()) -> tuple[floa
     in ``also``), run in turn ``repeats`` times, so that the machine's noise hits all
     alike."""
     timers = (library, reference, *also)
-    best = [math.inf] * len(timers)
+    best, faults = [math.inf] * len(timers), [math.inf] * len(timers)
     for _ in range(repeats):
         for i, timer in enumerate(timers):
+            before = minor_faults()
             best[i] = min(best[i], timer())
+            faults[i] = min(faults[i], minor_faults() - before)
+    _last_faults.update(library_faults=faults[0], plain_faults=faults[1])
     return tuple(best)
+
+
+# The page faults of the last best_alternating, which figures() adds to its item.
+_last_faults: dict[str, int] = {}
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel had to map in)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def wall(fn) -> float:
@@ -135,9 +153,11 @@ def macs(*modules) -> int:
 
 def figures(library_s: float, plain_s: float, flops: float, rate: float, **extra) -> dict:
     bound = flops / rate
+    faults = dict(_last_faults)
+    _last_faults.clear()
     return {"library_s": library_s, "plain_s": plain_s, "ratio": library_s / plain_s,
             "gemm_s": bound, "library_over_gemm": library_s / bound,
-            "plain_over_gemm": plain_s / bound, **extra}
+            "plain_over_gemm": plain_s / bound, **faults, **extra}
 
 
 # ------------------------------------------------------------------- fit steps
@@ -424,7 +444,9 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
             _write(path, everything)
             print(f"{name} @{threads}t: ratio {result['ratio']:.2f}x, library "
                   f"{result['library_s']:.4g} s, plain {result['plain_s']:.4g} s, "
-                  f"/GEMM {result['library_over_gemm']:.2f}x ({result['seconds']:.0f} s)",
+                  f"/GEMM {result['library_over_gemm']:.2f}x, page faults "
+                  f"{result['library_faults']} / {result['plain_faults']} "
+                  f"({result['seconds']:.0f} s)",
                   flush=True)
     return section
 

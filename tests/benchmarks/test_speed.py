@@ -47,7 +47,21 @@ def test_every_item_runs_and_reports_its_ratio_and_bound():
         assert r["library_s"] > 0 and r["plain_s"] > 0 and r["gemm_s"] > 0
         assert r["ratio"] == pytest.approx(r["library_s"] / r["plain_s"])
         assert r["library_over_gemm"] == pytest.approx(r["library_s"] / r["gemm_s"])
+        assert r["library_faults"] >= 0 and r["plain_faults"] >= 0
     assert names[:3] == ["fit/vae", "fit/ppca", "fit/flow"] and names[-1] == "ais/16x2x3"
+
+
+def test_page_faults_are_counted_for_each_timer_and_read_once():
+    big = 64 * 2**20  # 64 MB: glibc maps it afresh, and writing it faults its pages in
+
+    def touch():
+        torch.ones(big // 4)
+
+    speed.best_alternating(touch, lambda: None, 2)
+    r = speed.figures(1.0, 1.0, 1.0, 1.0)
+    # (at least 32 faults even where transparent huge pages map 2 MB at a time)
+    assert r["library_faults"] >= 32 and r["plain_faults"] < r["library_faults"]
+    assert "library_faults" not in speed.figures(1.0, 1.0, 1.0, 1.0)
 
 
 def test_compare_flags_only_ratios_grown_by_more_than_ten_percent():
