@@ -57,7 +57,7 @@ def test_page_faults_are_counted_for_each_timer_and_read_once():
     def touch():
         torch.ones(big // 4)
 
-    speed.best_alternating(touch, lambda: None, 2)
+    speed.best_alternating(lambda: speed.wall(touch), lambda: speed.wall(lambda: None), 2)
     r = speed.figures(1.0, 1.0, 1.0, 1.0)
     # (at least 32 faults even where transparent huge pages map 2 MB at a time)
     assert r["library_faults"] >= 32 and r["plain_faults"] < r["library_faults"]
