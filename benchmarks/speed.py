@@ -30,11 +30,16 @@ Items:
     python -m benchmarks.speed --quick --compare  # fresh run against the committed JSON
     python -m benchmarks.speed [--resume]         # the full grid, written item by item
     python -m benchmarks.speed --table            # the README table from the JSON
+    python -m benchmarks.speed --quick --kept-pages   # no page faults on either side
 
 Each item also records the minor page faults of its timed calls (``library_faults``,
 ``plain_faults``: the fewest over the repeats). glibc faults fresh pages in for large
 temporaries it has handed back, at about 2 us a page here: a ratio between a run that
 faults and one that does not measures glibc, not the code.
+
+``--kept-pages`` runs the same items in a child process whose glibc keeps what is freed
+(``KEPT_PAGES`` in its environment), so that neither side faults: the ratios of the
+code alone, under "quick_kept_pages" or "full_kept_pages".
 
 Results go to ``benchmarks/results/speed.json`` under "quick" or "full" (``--compare``
 writes ``runs/speed_compare.json`` instead and prints the ratios that grew by more than
@@ -53,6 +58,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,6 +432,7 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
     if section is None:
         section = {"meta": _meta(mode, sizes), "items": {}}
     everything[mode] = section
+    _write(path, everything)
     for threads in threads_list:
         torch.set_num_threads(threads)
         rate = sgemm_rate()
@@ -456,7 +464,17 @@ def _meta(mode: str, sizes: Sizes) -> dict:
             "torch": torch.__version__, "pyro": pyro.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "threads": list(THREADS), "sgemm_gflops": {},
-            "sizes": dict(sizes.__dict__)}
+            "sizes": dict(sizes.__dict__),
+            "malloc_env": {name: os.environ.get(name) for name in KEPT_PAGES}}
+
+
+# glibc's settings that keep freed memory in the process (no mmap for large blocks, no
+# trimming of the heap), so that no temporary is faulted in afresh.
+KEPT_PAGES = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def _pages_kept() -> bool:
+    return all(os.environ.get(name) == value for name, value in KEPT_PAGES.items())
 
 
 def _write(path: Path, everything: dict) -> None:
@@ -510,8 +528,15 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", help="item name prefixes, e.g. fit/ ais/16x")
     parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--kept-pages", action="store_true",
+                        help="run in a child process whose glibc keeps freed memory")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
+    if args.kept_pages and not _pages_kept():
+        argv = sys.argv[1:] if argv is None else list(argv)
+        child = subprocess.run([sys.executable, "-m", "benchmarks.speed", *argv],
+                               env={**os.environ, **KEPT_PAGES}, check=False)
+        raise SystemExit(child.returncode)
+    mode = ("quick" if args.quick else "full") + ("_kept_pages" if args.kept_pages else "")
     if args.table:
         print(table(json.loads(args.json.read_text())[mode]))
         return

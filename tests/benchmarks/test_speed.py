@@ -6,6 +6,7 @@ a ratio in ``benchmarks/results/speed.json`` compares two computations of one th
 """
 
 import copy
+import json
 import math
 
 import pyro
@@ -188,3 +189,13 @@ def test_cremer_style_ais_from_the_prior_reaches_log_px(vae):
     truth = ppl_vae.log_marginal(model, guide, x, 20000, seed=1)
     mean, se = paired(ours, truth)
     assert abs(mean) < 4 * se + 0.02
+
+
+def test_kept_pages_runs_in_a_child_whose_glibc_keeps_freed_memory(tmp_path):
+    out = tmp_path / "speed.json"
+    with pytest.raises(SystemExit) as done:
+        speed.main(["--quick", "--kept-pages", "--only", "no-such-item", "--threads", "1",
+                    "--json", str(out)])
+    assert done.value.code == 0
+    meta = json.loads(out.read_text())["quick_kept_pages"]["meta"]
+    assert meta["malloc_env"] == speed.KEPT_PAGES
