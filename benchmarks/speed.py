@@ -492,8 +492,8 @@ def table(section: dict) -> str:
     lines = [f"{meta['mode']} run of {meta['date'][:10]}, torch {meta['torch']}, "
              f"{meta['cpu_count']} CPUs; SGEMM {gflops}", "",
              row("item", "threads", "library s", "plain s", "library / plain",
-                 "GEMM bound s", "library / bound"),
-             row("---", "---:", "---:", "---:", "---:", "---:", "---:")]
+                 "GEMM bound s", "library / bound", "page faults"),
+             row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:")]
     for name, by_threads in section["items"].items():
         for threads, r in sorted(by_threads.items()):
             extra = (f" ({r['times_faster_than_importance']:.0f}x faster than Importance)"
@@ -502,7 +502,9 @@ def table(section: dict) -> str:
                      if "ratio_to_fused_adam_loop" in r else "")
             lines.append(row(f"`{name}`", threads, f"{r['library_s']:.4g}",
                              f"{r['plain_s']:.4g}", f"{r['ratio']:.2f}x{extra}",
-                             f"{r['gemm_s']:.3g}", f"{r['library_over_gemm']:.1f}x"))
+                             f"{r['gemm_s']:.3g}", f"{r['library_over_gemm']:.1f}x",
+                             f"{r['library_faults']} / {r['plain_faults']}"
+                             if "library_faults" in r else ""))
     return "\n".join(lines)
 
 
