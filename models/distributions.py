@@ -13,9 +13,19 @@ per estimate, and most of an estimate's time outside the matrix products goes th
   others) log p = logsigmoid(+-logits) takes two, and is as exact.
 
 Both are drop-in subclasses (``expand``, sampling and supports are Pyro's), so every
-estimator, AIS and SVI reuse them through the model as before. Their ``to_event`` gives
-an :class:`EventSum`, Pyro's ``Independent`` whose log density, when no gradient is
-recorded, is summed a few particles at a time and in place (see below).
+estimator, AIS and SVI reuse them through the model as before.
+
+Their ``to_event`` gives an :class:`EventSum`, Pyro's ``Independent`` whose log density,
+when no gradient is recorded (the estimators), is summed over the event dims
+``CHUNK_VALUES`` values at a time and in place. A VAE's 256 x 16 x 784 logits are 12.8
+MB, and each elementwise step of the Bernoulli's log density made a temporary as large.
+glibc hands blocks that large back to the system when they are freed and faults fresh
+pages in for the next one: about 9000 page faults per seeded unit on the machines
+measured, at about 2 us each, longer than the arithmetic. In chunks the temporaries are
+1 MB: they come from the heap and go back to it. This changes no number: each chunk runs
+the same elementwise formula on the same values, and each row is summed over its own
+event dims as before. With a gradient to record (SVI, HMC), or within a trace, the
+distribution is Pyro's ``Independent`` as it was.
 """
 
 from __future__ import annotations
@@ -176,21 +186,6 @@ def _logsigmoid_of_product(logits: Tensor, signs: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------- sums over event dims
-# Log densities summed over their event dims a few particles at a time, without autograd.
-#
-# An estimate evaluates each likelihood on (particles, rows, D) arrays: a VAE's 256 x 16 x
-# 784 logits are 12.8 MB, and every elementwise step of the Bernoulli's log density (the
-# product with +-1, the logsigmoid) makes a temporary as large. glibc hands blocks that
-# large back to the system when they are freed and faults fresh pages in for the next one:
-# about 8000 page faults per seeded unit on the machines measured, which took longer than
-# the arithmetic. Summed over the event dims ``CHUNK_VALUES`` values at a time, the
-# temporaries are 1 MB: they come from and go back to the heap, and stay in cache. Without
-# autograd the elementwise steps also run in place, so a chunk makes one temporary, not
-# four.
-#
-# This changes no number: each chunk runs the same elementwise formula on the same values,
-# and each row is summed over its own event dims as before. With a gradient to record (SVI,
-# HMC), or within a trace, the distribution is Pyro's ``Independent`` as it was.
 
 # Values per chunk: 1 MB of float32.
 CHUNK_VALUES = 2**18
@@ -198,7 +193,7 @@ CHUNK_VALUES = 2**18
 
 class EventSum(dist.Independent):
     """``Independent`` over one of the library's distributions, whose ``log_prob`` works
-    chunk by chunk when no gradient is recorded (see the module's doc)."""
+    chunk by chunk and in place when no gradient is recorded (see the module's doc)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         terms = None if _autograd_or_trace(self) else self.base_dist.elementwise_terms(value)
