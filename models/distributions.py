@@ -161,7 +161,7 @@ class Bernoulli(dist.Bernoulli):
             return super().log_prob(value)
         small = unbroadcast(value)
         # fx cannot read the check's answer; the caller vouches that it is yes.
-        if not (recording or bool(((small == 0) | (small == 1)).all())):
+        if not (recording or _binary(small)):
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)
@@ -173,12 +173,16 @@ class Bernoulli(dist.Bernoulli):
     def elementwise_terms(self, value: Tensor):
         """(formula, operands) for :class:`EventSum`: the short formula, or None where
         ``log_prob`` would take Pyro's (no logits, or values that are not binary)."""
-        small = unbroadcast(value)
         if "logits" not in self.__dict__ or _RECORDING.get():
             return None
-        if not bool(((small == 0) | (small == 1)).all()):
+        small = unbroadcast(value)
+        if not _binary(small):
             return None
         return _logsigmoid_of_product, (self.logits, 2 * small - 1)
+
+
+def _binary(values: Tensor) -> bool:
+    return bool(((values == 0) | (values == 1)).all())
 
 
 def _logsigmoid_of_product(logits: Tensor, signs: Tensor) -> Tensor:
@@ -218,7 +222,7 @@ def summed_events(independent):
 
 
 def _autograd_or_trace(fn) -> bool:
-    # (torch.fx records the joint loss with autograd on: it is covered by the first test.)
+    # (torch.fx records the joint loss with autograd on, so is_grad_enabled covers it.)
     return torch.is_grad_enabled() or torch.jit.is_tracing() or fn._validate_args
 
 
