@@ -99,18 +99,17 @@ class Normal(dist.Normal):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        scale = unbroadcast(self.scale)
-        standardized = (value - self.loc) / scale
-        return -0.5 * standardized.square() - (scale.log() + _HALF_LOG_2PI)
+        formula, operands = self.elementwise_terms(value)
+        return formula(*operands)
 
     def to_event(self, reinterpreted_batch_ndims=None):
         return summed_events(super().to_event(reinterpreted_batch_ndims))
 
     def elementwise_terms(self, value: Tensor):
-        """(formula, operands) of the log density for :class:`EventSum`, which calls
-        it without autograd: the same numbers as ``log_prob``, in place."""
+        """(formula, operands) of the log density: ``log_prob`` is the formula on the
+        operands; :class:`EventSum` runs it on chunks of them."""
         scale = unbroadcast(self.scale)
-        return _normal_in_place, (value, self.loc, scale, scale.log() + _HALF_LOG_2PI)
+        return _normal_log_density, (value, self.loc, scale, scale.log() + _HALF_LOG_2PI)
 
 
 class StandardNormal(Normal):
@@ -122,23 +121,26 @@ class StandardNormal(Normal):
     shapes and dtype are the distribution's); ``expand`` keeps the class.
     """
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return -0.5 * value.square() - _HALF_LOG_2PI
-
     def elementwise_terms(self, value: Tensor):
-        return _standard_normal_in_place, (value,)
+        return _standard_normal_log_density, (value,)
 
 
-def _normal_in_place(value: Tensor, loc: Tensor, scale: Tensor, log_norm: Tensor) -> Tensor:
+# The formulas run in place on their first fresh temporary when no gradient is recorded
+# (the same numbers: each in-place op is the op it replaces).
+
+
+def _normal_log_density(value: Tensor, loc: Tensor, scale: Tensor,
+                        log_norm: Tensor) -> Tensor:
     residual = value - loc
-    if residual.shape != torch.broadcast_shapes(residual.shape, scale.shape, log_norm.shape):
+    full = torch.broadcast_shapes(residual.shape, scale.shape, log_norm.shape)
+    if torch.is_grad_enabled() or residual.shape != full:
         return -0.5 * (residual / scale).square() - log_norm
     return residual.div_(scale).square_().mul_(-0.5).sub_(log_norm)
 
 
-def _standard_normal_in_place(value: Tensor) -> Tensor:
+def _standard_normal_log_density(value: Tensor) -> Tensor:
+    if torch.is_grad_enabled():
+        return -0.5 * value.square() - _HALF_LOG_2PI
     return value.square().mul_(-0.5).sub_(_HALF_LOG_2PI)
 
 
@@ -152,31 +154,30 @@ class Bernoulli(dist.Bernoulli):
     log p = logsigmoid((2x - 1) l)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
+        terms = self.elementwise_terms(value)
+        if terms is None:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        formula, operands = terms
+        return formula(*operands)
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return summed_events(super().to_event(reinterpreted_batch_ndims))
+
+    def elementwise_terms(self, value: Tensor):
+        """(formula, operands) of the short formula, or None where Pyro's applies (no
+        logits, values that are not binary, or a trace that would freeze the check)."""
         # A trace freezes the check's answer: unless its caller says that answer holds
         # at every call, a trace takes Pyro's formula.
         recording = _RECORDING.get()
         may_freeze = _CHECK_MAY_BE_FROZEN.get()
         frozen_check = (torch.jit.is_tracing() or recording) and not may_freeze
         if "logits" not in self.__dict__ or frozen_check:
-            return super().log_prob(value)
+            return None
         small = unbroadcast(value)
         # fx cannot read the check's answer; the caller vouches that it is yes.
         if not (recording or _binary(small)):
-            return super().log_prob(value)
-        if self._validate_args:
-            self._validate_sample(value)
-        return F.logsigmoid(self.logits * (2 * small - 1))
-
-    def to_event(self, reinterpreted_batch_ndims=None):
-        return summed_events(super().to_event(reinterpreted_batch_ndims))
-
-    def elementwise_terms(self, value: Tensor):
-        """(formula, operands) for :class:`EventSum`: the short formula, or None where
-        ``log_prob`` would take Pyro's (no logits, or values that are not binary)."""
-        if "logits" not in self.__dict__ or _RECORDING.get():
-            return None
-        small = unbroadcast(value)
-        if not _binary(small):
             return None
         return _logsigmoid_of_product, (self.logits, 2 * small - 1)
 
