@@ -56,11 +56,14 @@ def test_normal_event_sum_without_autograd_is_torchs(small_chunks, loc_shape, sc
                        dtype=torch.float64) + 0.2
     batch = torch.broadcast_shapes(loc_shape, scale_shape, value_shape)[:-1]
     ours = Normal(loc, scale).to_event(1).expand(batch)
+    inputs = [t.clone() for t in (loc, scale, value)]
     with torch.no_grad():
         chunked = ours.log_prob(value)
     expected = td.Independent(td.Normal(loc, scale), 1).log_prob(value)
     torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-12)
-    assert torch.equal(chunked, ours.log_prob(value))  # as on the path with autograd
+    torch.testing.assert_close(chunked, ours.log_prob(value), rtol=0, atol=1e-12)  # autograd
+    # The formula works in place on its own temporaries, never on its inputs.
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (loc, scale, value), strict=True))
 
 
 def test_standard_normal_and_bernoulli_event_sums_are_torchs(small_chunks):
@@ -105,19 +108,54 @@ def test_with_autograd_the_gradient_is_the_plain_one():
 
 
 @settings(max_examples=40, deadline=None)
-@given(particles=st.integers(1, 9), rows=st.integers(1, 4), width=st.integers(1, 6),
+@given(particles=st.integers(1, 9), rows=st.integers(1, 4), width=st.integers(1, 10),
        per_dim_scale=st.booleans(), chunk=st.integers(1, 40))
 def test_any_chunking_gives_the_unchunked_numbers(particles, rows, width, per_dim_scale,
                                                   chunk):
     loc, value = _randn(particles, rows, width, seed=6), _randn(rows, width, seed=7)
-    scale = torch.rand(width if per_dim_scale else (), dtype=torch.float64) + 0.3
+    scale = torch.rand(width if per_dim_scale else (), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(8)) + 0.3
     d = Normal(loc, scale).to_event(1)
-    expected = d.log_prob(value)  # autograd on: the plain formula, unchunked
     old = distributions.CHUNK_VALUES
-    distributions.CHUNK_VALUES = chunk
     try:
         with torch.no_grad():
+            distributions.CHUNK_VALUES = 10**9
+            expected = d.log_prob(value)
+            distributions.CHUNK_VALUES = chunk
             got = d.log_prob(value)
     finally:
         distributions.CHUNK_VALUES = old
     assert torch.equal(got, expected)
+    torch.testing.assert_close(got, d.log_prob(value), rtol=0, atol=1e-12)  # autograd on
+
+
+@settings(max_examples=60, deadline=None)
+@given(leading=st.lists(st.integers(1, 70), min_size=0, max_size=3),
+       trailing=st.lists(st.integers(1, 20), min_size=0, max_size=2),
+       ones=st.integers(0, 2), subtract=st.booleans())
+def test_an_in_place_op_through_wide_rows_is_the_broadcast_op(leading, trailing, ones,
+                                                             subtract):
+    # The operand spans the trailing dims (after `ones` leading dims of size 1).
+    t = _randn(*leading, *trailing, seed=9).float()
+    operand = _randn(*([1] * ones), *trailing, seed=10).float() + 2.0
+    op = torch.Tensor.sub_ if subtract else torch.Tensor.mul_
+    expected = op(t.clone(), operand) if operand.dim() <= t.dim() else None
+    if expected is None:  # an operand with more dims than t cannot work in place
+        return
+    got = distributions.in_place(op, t.clone(), operand)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 2), (7, 6), (4, 1), (3, 4, 7), (2, 3, 40)])
+def test_event_sums_of_short_and_long_event_dims_are_torchs(shape):
+    values = _randn(*shape, seed=11)
+    torch.testing.assert_close(distributions._event_sum(values, (-1,)), values.sum(-1),
+                               rtol=0, atol=1e-12)
+    two = distributions._event_sum(values, (-2, -1)) if values.dim() > 2 else None
+    if two is not None:
+        torch.testing.assert_close(two, values.sum((-2, -1)), rtol=0, atol=1e-12)
+    if shape[-1] <= distributions._SLICED_SUM_MAX:  # summed slice by slice, left to right
+        expected = values[..., 0].clone()
+        for j in range(1, shape[-1]):
+            expected = expected + values[..., j]
+        assert torch.equal(distributions._event_sum(values, (-1,)), expected)
