@@ -33,14 +33,16 @@ from torch.distributions import (
 
 from ppl_vae.guides.latent_space import is_latent_site
 from ppl_vae.models.distributions import Normal as LibraryNormal  # loc + eps * scale too
+from ppl_vae.models.distributions import in_place
 from ppl_vae.seeding import ROW_BLOCK, Block, generator
 
-# Values of x a group of blocks may span (particles x rows x D): about 1 MB of float32
-# per temporary. Larger ones cost several times more per value on the machines measured
-# (fresh pages for every temporary), which undoes the saving of the fewer calls.
-GROUP_VALUES = 2**18
-# At most this many blocks per group: a call of one row still pays for a whole group.
-MAX_GROUP = 64
+# Values of x a group of blocks may span (particles x rows x D): about 4 MB of float32
+# per temporary. Past that, on the machines measured, fresh pages for the temporaries
+# cost more than the fewer calls save. A PPCA of 13 dims at K = 1000 runs 4 blocks a call.
+GROUP_VALUES = 2**20
+# At most this many blocks per group: a call pays for the padding of a whole group, so a
+# call of 100 rows in groups of 64 blocks (1024 rows) took twice as long as in groups of 16.
+MAX_GROUP = 16
 
 
 def group_size(data_dim: int, samples: int) -> int:
@@ -139,7 +141,10 @@ class BlockNoise(Messenger):
         eps = self._noise(shape, fn.loc.dtype, fn.loc.device)
         if isinstance(fn, MultivariateNormal):
             return fn.loc + (fn._unbroadcasted_scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-        return fn.loc + eps * fn.scale
+        if torch.is_grad_enabled():
+            return fn.loc + eps * fn.scale
+        # The same numbers (loc + eps * scale), in the noise's own array.
+        return in_place(torch.Tensor.add_, in_place(torch.Tensor.mul_, eps, fn.scale), fn.loc)
 
     def _noise(self, shape, dtype, device) -> Tensor:
         """Standard normal noise of ``shape`` = (particles, rows, ...), block by block."""
