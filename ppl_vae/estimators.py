@@ -289,6 +289,9 @@ class Job:
     proposal: str
     seed: int
     progress: bool = False
+    # Whether every latent draw of the proposal is Gaussian noise (see block_noise), when
+    # the boundary's trace of it has told; found by a trace of its own otherwise.
+    gaussian: bool | None = None
 
     @classmethod
     def checked(cls, model, guide, x, num_samples, proposal="guide", idx=None,
@@ -301,12 +304,14 @@ class Job:
         idx, num_data = check_rows(x, idx, num_data)
         model, guide = as_programs(model, guide if proposal == "guide" else None, x,
                                    plate=plate, num_data=num_data)
+        gaussian = None
         with caller_rng_kept(seed is not None):
             check_structure(model, x, idx, num_data)
             if proposal == "guide":
-                check_guide(model, guide, x, idx, num_data)
+                gaussian = gaussian_latents(check_guide(model, guide, x, idx, num_data))
             seed = base_seed(seed)
-        return cls(model, guide, x, idx, num_data, num_samples, proposal, seed, progress)
+        return cls(model, guide, x, idx, num_data, num_samples, proposal, seed, progress,
+                   gaussian)
 
     def sample_slices(self) -> Iterator[tuple[int, int, int]]:
         """(number, first sample, samples) of each seeded sample block of K."""
@@ -333,6 +338,8 @@ class Job:
         return owned, owned or every[:1]
 
     def _gaussian_proposal(self) -> bool:
+        if self.gaussian is not None:
+            return self.gaussian
         proposal = self.guide if self.proposal == "guide" else self.model
         x, idx = self.x[:1], self.idx[:1]
         with caller_rng_kept(), torch.no_grad(), pyro.validation_enabled(False):
@@ -354,7 +361,9 @@ class Job:
         with bar:
             for group in groups_:
                 rows = group.rows().to(self.x.device)
-                real, positions = group.real().to(self.x.device), group.positions()
+                real, positions = group.real(), group.positions()
+                # Every slot real (all but a call's last groups): a view, not a copy.
+                real = slice(None) if bool(real.all()) else real.to(self.x.device)
                 xb, ib = self.x[rows], self.idx[rows]
                 for number, start, k in self.sample_slices():
                     yield Call(self, group, number, xb, ib, real, positions.to(self.x.device),
@@ -377,14 +386,15 @@ class Job:
 @dataclass(frozen=True)
 class Call:
     """One seeded call: ``x``/``idx`` the group's padded rows, ``real`` its slots that hold
-    their own row (at call ``positions``), ``samples`` the slice of K it draws."""
+    their own row (at call ``positions``; ``slice(None)`` when all do), ``samples`` the
+    slice of K it draws."""
 
     job: Job
     group: Group
     number: int
     x: Tensor
     idx: Tensor
-    real: Tensor
+    real: Tensor | slice
     positions: Tensor
     samples: slice
 

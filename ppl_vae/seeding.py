@@ -103,13 +103,39 @@ def blocks(idx: Tensor) -> Iterator[Block]:
     """
     idx = idx.cpu()
     order = torch.argsort(idx, stable=True)
-    block_of = idx[order] // ROW_BLOCK
-    numbers, counts = torch.unique_consecutive(block_of, return_counts=True)
+    ordered = idx[order]
+    if bool((ordered[1:] != ordered[:-1]).all()):
+        return _distinct_blocks(order, ordered)
+    return _blocks_in_layers(order, ordered)
+
+
+def _blocks_in_layers(order: Tensor, ordered: Tensor) -> Iterator[Block]:
+    """The blocks of a call with indices ``ordered`` (sorted, at positions ``order``),
+    one block and layer at a time."""
+    numbers, counts = torch.unique_consecutive(ordered // ROW_BLOCK, return_counts=True)
     start = 0
     for number, count in zip(numbers.tolist(), counts.tolist(), strict=True):
         members = order[start : start + count]
+        slots = ordered[start : start + count] % ROW_BLOCK
         start += count
-        yield from _layers(number, members, idx[members] % ROW_BLOCK)
+        yield from _layers(number, members, slots)
+
+
+def _distinct_blocks(order: Tensor, ordered: Tensor) -> Iterator[Block]:
+    """The blocks of a call whose indices are all distinct (the common case), built for
+    all blocks at once: the same blocks as :func:`_layers` makes one by one (the filler
+    of a block is its lowest-index row; its real slots hold its rows in index order)."""
+    numbers, block, counts = torch.unique_consecutive(
+        ordered // ROW_BLOCK, return_inverse=True, return_counts=True)
+    slots = ordered % ROW_BLOCK
+    rows = order[counts.cumsum(0) - counts].unsqueeze(1).repeat(1, ROW_BLOCK)
+    rows[block, slots] = order
+    taken = torch.zeros(len(numbers), ROW_BLOCK, dtype=torch.bool)
+    taken[block, slots] = True
+    members = order.split(counts.tolist())
+    for number, block_rows, block_taken, positions in zip(
+            numbers.tolist(), rows, taken, members, strict=True):
+        yield Block(number, block_rows, block_taken, positions)
 
 
 def _layers(number: int, members: Tensor, slots: Tensor) -> Iterator[Block]:

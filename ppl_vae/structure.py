@@ -94,21 +94,25 @@ def _refuse_observed_shapes(trace) -> None:
             )
 
 
-def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
+def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int):
     """Refuse a guide that cannot serve as an importance proposal for ``model``.
 
     It must have a site for each of the model's latents, no latent site the model does
     not have (unless marked ``infer={"is_auxiliary": True}``), and no point mass.
+
+    Returns
+    -------
+    The guide's trace on the first row, for callers that read more of it.
     """
-    check_guide_covers(model, guide, x[:1], idx[:1], num_data)
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x[:1], idx[:1], num_data)
+    trace = check_guide_covers(model, guide, x[:1], idx[:1], num_data)
     _refuse_point_masses(trace)
     _refuse_nan_density(guide, trace)
+    return trace
 
 
-def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
-    """Refuse a guide whose sites do not match the model's latents one to one.
+def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int):
+    """Refuse a guide whose sites do not match the model's latents one to one (and
+    return the guide's trace on ``x``).
 
     A model latent with no guide site would be redrawn from its prior (by SVI at every
     step, by the estimators in every sample) while its density stays in the joint; a
@@ -151,6 +155,7 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int) -> N
             "not latent sites of the model: their log q would count with no log p; rename "
             "them to the model's sites or mark them infer={'is_auxiliary': True}"
         )
+    return guide_trace
 
 
 def check_supports(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:

@@ -171,7 +171,8 @@ def _traces(job: Job, x: Tensor, idx: Tensor, size: int):
 
 def _keep(out: _Drawn, space, guide_trace, model_trace, samples: slice, positions, real, k):
     """Store one unit's densities, draws and per-coordinate terms at its rows."""
-    shape = (samples.stop - samples.start, len(real))
+    rows = len(positions) if isinstance(real, slice) else len(real)  # a slice: all real
+    shape = (samples.stop - samples.start, rows)
     for name, trace, observed in (("log_lik", model_trace, True),
                                   ("log_prior", model_trace, False),
                                   ("log_q", guide_trace, False)):

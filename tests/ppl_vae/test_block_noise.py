@@ -5,10 +5,13 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.nn import PyroModule
 from torch.distributions.transforms import AffineTransform
 
 import ppl_vae
+from ppl_vae import seeding
 from ppl_vae.block_noise import MAX_GROUP, group_size, groups
 from ppl_vae.estimators import Job
 from ppl_vae.guides import ExactPosterior, LinearEncoder
@@ -129,3 +132,16 @@ def test_groups_pad_missing_blocks_and_keep_block_numbers():
     assert [b.number if b else None for b in first.members] == [0, 1]
     assert [b.number if b else None for b in second.members] == [2, None]
     assert len(second.rows()) == 32 and int(second.real().sum()) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=60, unique=True))
+def test_blocks_of_distinct_indices_are_built_as_one_by_one(indices):
+    idx = torch.tensor(indices)
+    order = torch.argsort(idx, stable=True)
+    expected = list(seeding._blocks_in_layers(order, idx[order]))
+    found = list(blocks(idx))
+    assert [b.number for b in found] == [b.number for b in expected]
+    for got, want in zip(found, expected, strict=True):
+        for name in ("rows", "real", "positions"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
