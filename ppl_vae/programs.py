@@ -259,6 +259,26 @@ class PyroProgram(nn.Module):
 
 
 def _parameters_of(function):
+    """The parameters of ``function`` (None where Python cannot tell), looked up once per
+    function (every bound method of one function has the same): ``inspect.signature``
+    takes longer than a small model's call."""
+    key = (getattr(function, "__func__", function), hasattr(function, "__func__"))
+    try:
+        return _SIGNATURES[key]
+    except TypeError:  # an unhashable callable
+        return _signature_parameters(function)
+    except KeyError:
+        pass
+    if len(_SIGNATURES) >= 256:
+        _SIGNATURES.clear()
+    _SIGNATURES[key] = parameters = _signature_parameters(function)
+    return parameters
+
+
+_SIGNATURES: dict = {}
+
+
+def _signature_parameters(function):
     try:
         return inspect.signature(function).parameters
     except (TypeError, ValueError):
