@@ -358,3 +358,25 @@ def test_sample_from_a_function_model(clean_store):
     assert ((drawn.mean(0) - marginal.mean).abs() < 4 * se_mean).all()
     with pytest.raises(ValueError, match="needs like="):
         ppl_vae.sample_from_model(styles.linear_model, 10)
+
+
+def test_signatures_are_read_per_function_and_bound_method():
+    from ppl_vae.programs import _parameters_of
+
+    class Module(torch.nn.Module):
+        def forward(self, x, idx=None, num_data=None):
+            return x
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, x, y):
+            return x
+
+    first, second = Module(), Module()
+    assert list(_parameters_of(first.forward)) == ["x", "idx", "num_data"]
+    assert list(_parameters_of(second.forward)) == ["x", "idx", "num_data"]
+    assert list(_parameters_of(Module.forward)) == ["self", "x", "idx", "num_data"]
+    second.forward = lambda x: x  # a replaced forward is read again
+    assert list(_parameters_of(second.forward)) == ["x"]
+    assert list(_parameters_of(Unhashable())) == ["x", "y"]
