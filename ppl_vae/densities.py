@@ -107,7 +107,10 @@ def refuse_nan(values: Tensor, traces: dict, shape: tuple[int, int], idx: Tensor
     scale of 0, a log of a negative number), not a weight of zero: an estimate must
     never average it in, nor quietly drop it.
     """
-    if not bool(torch.isnan(values).any()):
+    total = float(values.sum())
+    # A NaN makes the sum NaN: a sum that is a number (one pass) clears the values. A
+    # NaN sum may also come of +inf and -inf, so the values are then looked at one by one.
+    if total == total or not bool(torch.isnan(values).any()):
         return
     found = nan_sites(traces, shape, idx)
     rows = idx[torch.isnan(values).any(0).to(idx.device)].tolist()

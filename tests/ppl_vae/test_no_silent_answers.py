@@ -166,3 +166,15 @@ def test_long_estimates_show_a_progress_bar(capsys):
     assert "importance sampling" in capsys.readouterr().err
     ppl_vae.log_marginal(simple_model, amortized_guide, X, 64, seed=0)
     assert capsys.readouterr().err == ""
+
+
+def test_refuse_nan_tells_a_nan_from_infinities_of_both_signs():
+    from ppl_vae.densities import refuse_nan
+
+    idx = torch.arange(4)
+    values = torch.zeros(3, 4)
+    values[0, 1], values[2, 3] = float("inf"), float("-inf")  # their sum is NaN
+    refuse_nan(values, {}, (3, 4), idx)  # no NaN among the values: nothing to refuse
+    values[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"log weights of rows \[2\]"):
+        refuse_nan(values, {}, (3, 4), idx)
