@@ -147,8 +147,8 @@ class StandardNormal(Normal):
         return _standard_normal_log_density, (value,)
 
 
-# The formulas run in place on their first fresh temporary when no gradient is recorded
-# (the same numbers: each in-place op is the op it replaces).
+# The formulas run in place on their first fresh temporary when no gradient is recorded:
+# the standard normal's with the same numbers, the Normal's within a few roundings.
 
 
 def _normal_log_density(value: Tensor, loc: Tensor, scale: Tensor,
