@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import pyro
@@ -261,21 +262,21 @@ class PyroProgram(nn.Module):
 def _parameters_of(function):
     """The parameters of ``function`` (None where Python cannot tell), looked up once per
     function (every bound method of one function has the same): ``inspect.signature``
-    takes longer than a small model's call."""
-    key = (getattr(function, "__func__", function), hasattr(function, "__func__"))
+    takes longer than a small model's call. The cache holds its functions weakly."""
+    underlying = getattr(function, "__func__", None)
+    cache = _SIGNATURES[underlying is not None]
+    key = function if underlying is None else underlying
     try:
-        return _SIGNATURES[key]
-    except TypeError:  # an unhashable callable
+        return cache[key]
+    except TypeError:  # a callable that cannot be weakly referenced or hashed
         return _signature_parameters(function)
     except KeyError:
-        pass
-    if len(_SIGNATURES) >= 256:
-        _SIGNATURES.clear()
-    _SIGNATURES[key] = parameters = _signature_parameters(function)
-    return parameters
+        cache[key] = parameters = _signature_parameters(function)
+        return parameters
 
 
-_SIGNATURES: dict = {}
+# Signatures of functions called as they are (False) and as bound methods (True).
+_SIGNATURES = {False: weakref.WeakKeyDictionary(), True: weakref.WeakKeyDictionary()}
 
 
 def _signature_parameters(function):
