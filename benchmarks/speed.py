@@ -114,10 +114,19 @@ QUICK = Sizes(fit_steps=100, fit_repeats=3, lm_points=50, lm_repeats=2,
 # ---------------------------------------------------------------------- timing
 
 
-def best_alternating(library, reference, repeats: int, *, also=()) -> tuple[float, ...]:
-    """Best seconds of each zero-argument timer (``library``, ``reference``, then those
-    in ``also``), run in turn ``repeats`` times, so that the machine's noise hits all
-    alike."""
+@dataclass(frozen=True)
+class Timed:
+    """Best seconds of each timer (library, reference, then the others), and the fewest
+    page faults of the first two over the repeats."""
+
+    seconds: tuple[float, ...]
+    library_faults: int
+    plain_faults: int
+
+
+def best_alternating(library, reference, repeats: int, *, also=()) -> Timed:
+    """Each zero-argument timer (``library``, ``reference``, then those in ``also``), run
+    in turn ``repeats`` times, so that the machine's noise hits all alike."""
     timers = (library, reference, *also)
     best, faults = [math.inf] * len(timers), [math.inf] * len(timers)
     for _ in range(repeats):
@@ -125,12 +134,7 @@ def best_alternating(library, reference, repeats: int, *, also=()) -> tuple[floa
             before = minor_faults()
             best[i] = min(best[i], timer())
             faults[i] = min(faults[i], minor_faults() - before)
-    _last_faults.update(library_faults=faults[0], plain_faults=faults[1])
-    return tuple(best)
-
-
-# The page faults of the last best_alternating, which figures() adds to its item.
-_last_faults: dict[str, int] = {}
+    return Timed(tuple(best), faults[0], faults[1])
 
 
 def minor_faults() -> int:
@@ -158,13 +162,14 @@ def macs(*modules) -> int:
                for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def figures(library_s: float, plain_s: float, flops: float, rate: float, **extra) -> dict:
+def figures(timed: Timed, flops: float, rate: float, **extra) -> dict:
+    """An item's figures from its library and plain-loop timings and its GEMM bound."""
+    library_s, plain_s = timed.seconds[:2]
     bound = flops / rate
-    faults = dict(_last_faults)
-    _last_faults.clear()
     return {"library_s": library_s, "plain_s": plain_s, "ratio": library_s / plain_s,
             "gemm_s": bound, "library_over_gemm": library_s / bound,
-            "plain_over_gemm": plain_s / bound, **faults, **extra}
+            "plain_over_gemm": plain_s / bound, "library_faults": timed.library_faults,
+            "plain_faults": timed.plain_faults, **extra}
 
 
 # ------------------------------------------------------------------- fit steps
@@ -203,9 +208,10 @@ def _fit_figures(ours, reference, sizes: Sizes, flops: float, rate: float) -> di
     takes torch's default Adam, as a hand-written loop does. The loop is also timed with
     the fused kernel (``reference(fused=True)``), to tell the optimizer's share of the
     ratio from the rest of the step's."""
-    lib, ref, ref_fused = best_alternating(ours, reference, sizes.fit_repeats,
-                                           also=(lambda: reference(fused=True),))
-    return figures(lib, ref, flops, rate, plain_fused_adam_s=ref_fused,
+    timed = best_alternating(ours, reference, sizes.fit_repeats,
+                             also=(lambda: reference(fused=True),))
+    lib, _, ref_fused = timed.seconds
+    return figures(timed, flops, rate, plain_fused_adam_s=ref_fused,
                    ratio_to_fused_adam_loop=lib / ref_fused)
 
 
@@ -274,12 +280,12 @@ def item_log_marginal_vae(sizes: Sizes, rate: float) -> dict:
     model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
     guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
     x, k = binary_data(sizes.lm_points, sizes.data_dim, seed=1), sizes.lm_k
-    lib, ref = best_alternating(
+    timed = best_alternating(
         lambda: wall(lambda: ppl_vae.log_marginal(model, guide, x, k, seed=0)),
         lambda: wall(lambda: plain.vae_log_marginal(guide.net, model.decoder, x, k)),
         sizes.lm_repeats)
     flops = 2 * len(x) * (macs(guide.net) + k * macs(model.decoder))
-    return figures(lib, ref, flops, rate)
+    return figures(timed, flops, rate)
 
 
 def wine() -> torch.Tensor:
@@ -297,7 +303,7 @@ def item_log_marginal_ppca(sizes: Sizes, rate: float) -> dict:
     W, mu, sigma = (t.detach() for t in (model.W, model.mu, model.sigma))
     weight, bias = guide.loc.weight.detach(), guide.loc.bias.detach()
     scale = guide.raw_scale.detach().exp()
-    lib, ref = best_alternating(
+    timed = best_alternating(
         lambda: wall(lambda: ppl_vae.log_marginal(model, guide, x, k, seed=0)),
         lambda: wall(lambda: plain.ppca_log_marginal(W, mu, sigma, weight, bias, scale, x, k)),
         sizes.lm_repeats)
@@ -308,8 +314,8 @@ def item_log_marginal_ppca(sizes: Sizes, rate: float) -> dict:
 
     builtin = min(wall(importance) for _ in range(sizes.importance_repeats))
     flops = 2 * len(x) * 2 * x.shape[1] * 2 * (1 + k)
-    return figures(lib, ref, flops, rate, importance_s=builtin,
-                   times_faster_than_importance=builtin / lib)
+    return figures(timed, flops, rate, importance_s=builtin,
+                   times_faster_than_importance=builtin / timed.seconds[0])
 
 
 # -------------------------------------------------------------------------- AIS
@@ -334,7 +340,7 @@ def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) ->
         loc, scale = plain.gaussian_encoder(guide.net, x)
         return plain.vae_ais(model.decoder, loc, scale, x, steps, chains)
 
-    lib, ref = best_alternating(
+    timed = best_alternating(
         lambda: wall(lambda: ppl_vae.ais(model, x, proposal=guide, num_steps=steps,
                                          num_chains=chains, seed=0, progress=False)),
         lambda: wall(reference), ais_repeats(sizes, points, chains, steps))
@@ -345,7 +351,7 @@ def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) ->
     rows = points * (chains + plain.PILOT_CHAINS)
     gradients = (steps - 1) * 10 + 1
     flops = 2 * points * macs(guide.net) + gradients * 2 * 2 * rows * macs(model.decoder)
-    return figures(lib, ref, flops, rate)
+    return figures(timed, flops, rate)
 
 
 # --------------------------------------------------------------------- local fits
@@ -366,9 +372,9 @@ def item_fit_local(sizes: Sizes, rate: float, family: str) -> dict:
         return wall(lambda: plain.local_fit(*_local_problem(model, x, family), x, sizes.latent,
                                             steps=steps, particles=particles, lr=3e-2))
 
-    lib, ref = best_alternating(library, reference, sizes.local_repeats)
+    timed = best_alternating(library, reference, sizes.local_repeats)
     flops = steps * 2 * 2 * particles * len(x) * macs(model.decoder)
-    return figures(lib, ref, flops, rate)
+    return figures(timed, flops, rate)
 
 
 def _plain_gradient_fit_local(model, x, family: str, steps: int, particles: int):
