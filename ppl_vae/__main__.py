@@ -1,5 +1,5 @@
 """``python -m ppl_vae`` is the ``ppl-vae`` command (handy under torchrun)."""
 
-from ppl_vae.cli import main
+from ppl_vae.cli import console
 
-main()
+console()

@@ -15,20 +15,22 @@ per file: :mod:`~ppl_vae.cli.config` (what a run is), :mod:`~ppl_vae.cli.checkpo
 :mod:`~ppl_vae.cli.training`, :mod:`~ppl_vae.cli.plan` (a command line checked),
 :mod:`~ppl_vae.cli.folders` (the output folder), one module per command
 (:mod:`~ppl_vae.cli.fit`, :mod:`~ppl_vae.cli.gaps`, :mod:`~ppl_vae.cli.surgery`),
-:mod:`~ppl_vae.cli.parser` and :mod:`~ppl_vae.cli.entry` (``main``).
+:mod:`~ppl_vae.cli.parser`, :mod:`~ppl_vae.cli.freed_pages` (the command's memory) and
+:mod:`~ppl_vae.cli.entry` (``console``, ``main``).
 """
 
 import ppl_vae  # noqa: F401  (tests and users reach ppl_vae.fit through the command)
 from ppl_vae.cli import training
 from ppl_vae.cli.checkpoints import load_checkpoint, save_checkpoint
 from ppl_vae.cli.config import RunConfig
-from ppl_vae.cli.entry import main, run
+from ppl_vae.cli.entry import console, main, run
 from ppl_vae.cli.folders import LOCK_FILE, check_writable, exclusive
 from ppl_vae.cli.parser import build_parser
 from ppl_vae.cli.surgery import SURGERY_SAMPLES
 from ppl_vae.cli.training import load_split
 
 __all__ = [
-    "LOCK_FILE", "SURGERY_SAMPLES", "RunConfig", "build_parser", "check_writable", "exclusive",
+    "LOCK_FILE", "SURGERY_SAMPLES", "RunConfig", "build_parser", "check_writable", "console",
+    "exclusive",
     "load_checkpoint", "load_split", "main", "run", "save_checkpoint", "training",
 ]

@@ -1,5 +1,5 @@
 """``python -m ppl_vae.cli`` is the ``ppl-vae`` command."""
 
-from ppl_vae.cli.entry import main
+from ppl_vae.cli.entry import console
 
-main()
+console()

@@ -1,4 +1,5 @@
-"""The entry points: ``main`` (the console script) and ``run`` (a command line in-process)."""
+"""The entry points: ``console`` (the ``ppl-vae`` command), ``main`` (a command line with
+its exit statuses) and ``run`` (a command line in-process, returning its summary)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ppl_vae.cli.fit import cmd_fit
+from ppl_vae.cli.freed_pages import keep_freed_pages
 from ppl_vae.cli.gaps import cmd_gaps
 from ppl_vae.cli.parser import build_parser
 from ppl_vae.cli.surgery import cmd_surgery
@@ -24,6 +26,13 @@ def run(argv=None) -> dict:
 
 def _dispatch(args) -> dict:
     return {"gaps": cmd_gaps, "fit": cmd_fit, "surgery": cmd_surgery}[args.command](args)
+
+
+def console() -> None:
+    """The ``ppl-vae`` command: :func:`main` on ``sys.argv``, in a process that keeps the
+    memory it frees (:mod:`ppl_vae.cli.freed_pages`)."""
+    keep_freed_pages()
+    main()
 
 
 def main(argv=None) -> None:
