@@ -109,6 +109,11 @@ def fit_local(
 # full one, on an ill-conditioned PPCA posterior, needs more than 1000 steps to bring its
 # mean KL to the exact posterior under 0.01 nats (tests/guides/test_local.py).
 SCHEDULES = {"diag": (3000, False), "full": (3000, False), "flow": (1000, True)}
+# Fits of fewer steps run the loss untraced: a trace pays for its recording and its
+# checked calls only over enough steps. Traced against untraced, 1 thread, on the digits
+# VAE (300 rows) and the MNIST one (16 rows), diagonal and flow families: 1.22x-1.38x
+# the time at 30 steps, 0.91x-1.10x at 100, 0.88x-0.96x at 200.
+TRACE_FROM_STEPS = 100
 
 
 def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, batch_size=None,
@@ -156,7 +161,8 @@ def fit_local_trusted(model, x, family, *, init_from, steps, lr, num_particles, 
         result: FitResult = fit_trusted(
             model, noised, x, batch_size=batch_size, total=steps,
             optimizer=schedule.optimizer, loss=loss, seed=seed, progress=progress,
-            train_model=False, callback=schedule, jit=owned is None,
+            train_model=False, callback=schedule,
+            jit=owned is None and steps >= TRACE_FROM_STEPS,
         )
     gather_rows(guide, owned)
     return guide, result

@@ -1,4 +1,5 @@
 import importlib
+import inspect
 import json
 import math
 
@@ -12,6 +13,7 @@ import ppl_vae
 from ppl_vae.data import load_dataset
 from ppl_vae.guides import DeltaEncoder, LinearEncoder, LocalNormal, MLPEncoder
 from ppl_vae.models import PPCA, VAE
+from ppl_vae.row_convergence import MEASURES
 from tests.helpers import as_mvn, exact_posterior
 
 matplotlib.use("Agg")
@@ -204,11 +206,14 @@ def test_one_vectorized_fit_for_1000_datapoints(ppca_truth, monkeypatch):
     guide = noised.guide
     assert isinstance(guide, LocalNormal) and guide.loc.shape == (1000, 2)
     assert steps == report.local_steps == 40
-    # Every guide call sees all 1000 rows, at most one per step (fewer when fit replays a
-    # traced loss): no loop over datapoints, and no second structure check inside the fit
-    # (gaps validated everything once, at its boundary).
+    # Every guide call sees all 1000 rows, at most one per step and one per measurement
+    # of the plateau rule (every window / MEASURES steps; fewer when fit replays a traced
+    # loss): no loop over datapoints, and no second structure check inside the fit (gaps
+    # validated everything once, at its boundary).
     assert set(fit_forwards) == {1000}
-    assert len(fit_forwards) <= steps + 2
+    window = inspect.signature(local_fit_module.fit_local_trusted).parameters["window"].default
+    measurements = steps // (window // MEASURES)
+    assert len(fit_forwards) <= steps + measurements + 2, len(fit_forwards)
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,23 @@ def test_a_failed_local_step_keeps_its_floating_point_error(tiny_vae, monkeypatc
     monkeypatch.setattr(train, "_step", failing)
     with pytest.raises(FloatingPointError, match="-inf"):
         ppl_vae.fit_local(model, x, "flow", steps=5, progress=False, seed=0)
+
+
+@pytest.mark.parametrize("steps, traced", [(gaps_module.TRACE_FROM_STEPS - 1, False),
+                                           (gaps_module.TRACE_FROM_STEPS, True)])
+def test_a_local_fit_traces_its_loss_only_when_long_enough_to_pay(tiny_vae, monkeypatch,
+                                                                  steps, traced):
+    model, x = tiny_vae
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def fit_trusted(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(gaps_module, "fit_trusted", fit_trusted)
+    with pytest.raises(Stop):
+        ppl_vae.fit_local(model, x, "diag", steps=steps, progress=False, seed=0)
+    assert asked["jit"] is traced and asked["total"] == steps

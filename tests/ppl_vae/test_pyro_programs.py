@@ -18,6 +18,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import ppl_vae
+from ppl_vae.local_fit import TRACE_FROM_STEPS
 from tests.ppl_vae import pyro_styles as styles
 
 SEED = 0
@@ -106,8 +107,9 @@ def test_estimators_leave_the_param_store_bit_for_bit(clean_store):
     ppl_vae.elbo(vae.model, vae.guide, x, 8)
     ppl_vae.ais(vae.model, x[:16], proposal=vae.guide, num_steps=3, num_chains=2,
                 progress=False, seed=SEED)
-    ppl_vae.fit_local(vae.model, x[:16], "diag", init_from=vae.guide, steps=20,
-                      progress=False, seed=SEED)
+    # Enough steps for fit_local to trace its loss, whose recording must leave it too.
+    ppl_vae.fit_local(vae.model, x[:16], "diag", init_from=vae.guide,
+                      steps=TRACE_FROM_STEPS, progress=False, seed=SEED)
     ppl_vae.gaps(vae.model, vae.guide, x[:16], local="diag", num_samples=8, local_steps=20,
                  progress=False, seed=SEED)
     ppl_vae.refine(vae.model, vae.guide, x[:16], 10, progress=False, seed=SEED)
