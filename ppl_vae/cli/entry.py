@@ -36,7 +36,7 @@ def console() -> None:
 
 
 def main(argv=None) -> None:
-    """Console-script entry point.
+    """Run a command line (``sys.argv`` when ``argv`` is None), as the command does.
 
     Expected failures (bad input, missing or damaged files, an unwritable output
     folder) are one line on stderr and exit status 2; an interruption by SIGINT or

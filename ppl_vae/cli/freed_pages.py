@@ -36,7 +36,7 @@ def keep_freed_pages() -> bool:
     -------
     bool
         True where glibc took both settings; False where the C library has no
-        ``mallopt`` (macOS, Windows) or refused them, and nothing changed.
+        ``mallopt`` (macOS, Windows: nothing changed) or refused one of them.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
