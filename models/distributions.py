@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ppl_vae.models.short_rows import in_place
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # True while a trace is recorded whose calls all give the Bernoulli's binary check the
 # same answer (set by the caller that records it): the check may then be frozen into it.
@@ -174,39 +176,6 @@ def _standard_normal_log_density(value: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         return -0.5 * value.square() - _HALF_LOG_2PI
     return value.square().mul_(-0.5).sub_(_HALF_LOG_2PI)
-
-
-# Operands of 2 to _SHORT_ROW values are applied through views with rows of about
-# _WIDE_ROW values, on arrays of at least _WIDE_FROM values (see in_place). A single value
-# broadcasts fast as it is, and so do operands of 128 values or more.
-_SHORT_ROW = 64
-_WIDE_ROW = 512
-_WIDE_FROM = 2**14
-
-
-def in_place(op, t: Tensor, operand: Tensor) -> Tensor:
-    """``op(t, operand)`` in place, for a contiguous ``t`` and an ``operand`` that
-    broadcasts to it.
-
-    An operand that spans only a few trailing dims of ``t`` (a scale per data dim, 13
-    values against 1000 x 64 x 13) broadcasts over rows so short that torch's kernels
-    take about five times longer per value than over long rows. When the operand's
-    values repeat along rows of ``t``, both are viewed with rows of ``_WIDE_ROW`` values
-    or so (the operand repeated to fill one): the same op on the same pairs of values.
-    """
-    tail = operand.shape
-    while len(tail) and tail[0] == 1:
-        tail = tail[1:]
-    inner = math.prod(tail)
-    if (1 < inner <= _SHORT_ROW and t.numel() >= _WIDE_FROM and t.is_contiguous()
-            and len(tail) <= t.dim() and t.shape[t.dim() - len(tail):] == tail):
-        rows = t.numel() // inner
-        repeats = math.gcd(rows, 1 << ((_WIDE_ROW // inner).bit_length() - 1))
-        wide = operand.reshape(1, inner).expand(repeats, inner).reshape(-1)
-        op(t.view(rows // repeats, repeats * inner), wide)
-    else:
-        op(t, operand)
-    return t
 
 
 def standard_normal(like: Tensor, size: int) -> StandardNormal:

@@ -14,10 +14,10 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ppl_vae.models.blocks import data_plate, positive_dim
 from ppl_vae.models.distributions import Normal, standard_normal
+from ppl_vae.models.short_rows import affine
 
 
 class LinearGaussian(PyroModule):
@@ -40,8 +40,8 @@ class LinearGaussian(PyroModule):
         noise_scale = self.noise_variance().sqrt()
         with data_plate(x, idx, num_data):
             z = pyro.sample("z", standard_normal(W, self.latent_dim).to_event(1))
-            # One fused product and sum: no (particles, rows, D) temporary in between.
-            x_loc = F.linear(z, W, mu)
+            # No (particles, rows, D) temporary between the product and the sum.
+            x_loc = affine(z, W, mu)
             return pyro.sample("x", Normal(x_loc, noise_scale).to_event(1), obs=x)
 
     def marginal(self) -> dist.MultivariateNormal:

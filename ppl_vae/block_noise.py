@@ -33,7 +33,7 @@ from torch.distributions import (
 
 from ppl_vae.guides.latent_space import is_latent_site
 from ppl_vae.models.distributions import Normal as LibraryNormal  # loc + eps * scale too
-from ppl_vae.models.distributions import in_place
+from ppl_vae.models.short_rows import in_place
 from ppl_vae.seeding import ROW_BLOCK, Block, generator
 
 # Values of x a group of blocks may span (particles x rows x D): about 4 MB of float32

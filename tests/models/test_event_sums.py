@@ -129,28 +129,6 @@ def test_any_chunking_gives_the_unchunked_numbers(particles, rows, width, per_di
     torch.testing.assert_close(got, d.log_prob(value), rtol=0, atol=1e-12)  # autograd on
 
 
-@settings(max_examples=60, deadline=None)
-@given(leading=st.lists(st.integers(1, 70), min_size=0, max_size=3),
-       trailing=st.lists(st.integers(1, 20), min_size=0, max_size=2),
-       ones=st.integers(0, 2), subtract=st.booleans())
-def test_an_in_place_op_through_wide_rows_is_the_broadcast_op(leading, trailing, ones,
-                                                             subtract):
-    # The operand spans the trailing dims (after `ones` leading dims of size 1).
-    t = _randn(*leading, *trailing, seed=9).float()
-    operand = _randn(*([1] * ones), *trailing, seed=10).float() + 2.0
-    op = torch.Tensor.sub_ if subtract else torch.Tensor.mul_
-    expected = op(t.clone(), operand) if operand.dim() <= t.dim() else None
-    if expected is None:  # an operand with more dims than t cannot work in place
-        return
-    old = distributions._WIDE_FROM
-    distributions._WIDE_FROM = 1  # the wide views for arrays of any size
-    try:
-        got = distributions.in_place(op, t.clone(), operand)
-    finally:
-        distributions._WIDE_FROM = old
-    assert torch.equal(got, expected)
-
-
 @pytest.mark.parametrize("shape", [(5, 3, 2), (7, 6), (4, 1), (3, 4, 7), (2, 3, 40)])
 def test_event_sums_of_short_and_long_event_dims_are_torchs(shape):
     values = _randn(*shape, seed=11)
