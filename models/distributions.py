@@ -31,7 +31,8 @@ Without autograd the formulas also avoid three slow spots of torch's CPU kernels
 took most of a small model's arithmetic (PPCA: 13 data dims, 2 latents):
 
 - an operand broadcast over short rows (a scale of 13 values against 1000 x 64 x 13
-  residuals) is applied through views with long rows (:func:`in_place`);
+  residuals) is applied through views with long rows
+  (:func:`~ppl_vae.models.short_rows.in_place`);
 - the Normal multiplies by the scale's reciprocal rather than dividing by the scale;
 - a last event dim of at most ``_SLICED_SUM_MAX`` values is summed slice by slice.
 
