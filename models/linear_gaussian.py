@@ -15,9 +15,9 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from ppl_vae.models.affine_normal import AffineNormal
 from ppl_vae.models.blocks import data_plate, positive_dim
-from ppl_vae.models.distributions import Normal, standard_normal
-from ppl_vae.models.short_rows import affine
+from ppl_vae.models.distributions import standard_normal
 
 
 class LinearGaussian(PyroModule):
@@ -40,9 +40,10 @@ class LinearGaussian(PyroModule):
         noise_scale = self.noise_variance().sqrt()
         with data_plate(x, idx, num_data):
             z = pyro.sample("z", standard_normal(W, self.latent_dim).to_event(1))
-            # No (particles, rows, D) temporary between the product and the sum.
-            x_loc = affine(z, W, mu)
-            return pyro.sample("x", Normal(x_loc, noise_scale).to_event(1), obs=x)
+            # The mean W z + mu is formed only where something reads it: an estimator's
+            # log density scales the residual without it (see AffineNormal).
+            likelihood = AffineNormal(z, W, mu, noise_scale).to_event(1)
+            return pyro.sample("x", likelihood, obs=x)
 
     def marginal(self) -> dist.MultivariateNormal:
         """The exact marginal p(x) = N(mu, W W^T + diag(noise_variance)).

@@ -70,9 +70,11 @@ def test_the_walk_of_a_toy_gaps_call(tmp_path):
     assert any(s["function"].endswith(".forward") and s["file"].startswith("models/")
                for s in wide["walk"])
     # The project's density sums call the likelihood's log density themselves (its
-    # chunked event sum, without autograd): the only models/ code the direct walk sees.
+    # chunked event sum, without autograd, and the linear-Gaussian's terms): the only
+    # models/ code the direct walk sees.
     direct = [s for s in result["walk"] if s["file"].startswith("models/")]
-    assert {s["file"] for s in direct} <= {"models/distributions.py"}
+    assert {s["file"] for s in direct} <= {"models/distributions.py",
+                                           "models/affine_normal.py"}
     assert not any(s["function"].endswith(".forward") for s in direct)
     out = tmp_path / "walk.json"
     walk.main(["--out", str(out), "--key", "toy"])

@@ -1,0 +1,136 @@
+"""AffineNormal: Normal(z W^T + b, scale) whose log density skips forming the mean."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ppl_vae.models import affine_normal, distributions
+from ppl_vae.models.affine_normal import AffineNormal
+from ppl_vae.models.distributions import Normal
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _exact_and_bound(z, weight, bias, scale, value):
+    """log N(value; z W^T + b, scale) summed over the last dim, in float64, and a bound on
+    a float32 result's error: a few roundings of the largest terms each value adds."""
+    z, weight, bias, scale, value = (t.double() for t in (z, weight, bias, scale, value))
+    inverse = 1 / (scale * math.sqrt(2))
+    centred, fitted = (value - bias) * inverse, (z @ weight.T) * inverse
+    terms = -(centred - fitted) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
+    size = ((centred.abs() + fitted.abs()) ** 2 + terms.abs()).expand(terms.shape)
+    return terms.sum(-1), 16 * EPS32 * size.sum(-1) + 1e-6
+
+
+def _fused_path_taken(monkeypatch) -> list:
+    calls = []
+    original = affine_normal._affine_normal_log_density
+    monkeypatch.setattr(affine_normal, "_affine_normal_log_density",
+                        lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+@settings(max_examples=80, deadline=None)
+@given(particles=st.integers(1, 40), rows=st.integers(1, 30), latents=st.integers(1, 5),
+       width=st.integers(1, 20), per_dim_scale=st.booleans(), far=st.booleans(),
+       full_value=st.booleans())
+def test_the_log_density_without_autograd_is_the_float64_normal(
+        particles, rows, latents, width, per_dim_scale, far, full_value):
+    z = _randn(particles, rows, latents, seed=1)
+    weight, bias = _randn(width, latents, seed=2), _randn(width, seed=3)
+    scale = _randn(width if per_dim_scale else 1, seed=4).abs() + 0.1
+    value = _randn(*((particles,) if full_value else ()), rows, width, seed=5)
+    if far:  # data and mean far from zero, noise small: the residual must not suffer
+        bias, value, scale = bias + 1e4, value * 0.01 + 1e4, scale * 0.01
+    exact, bound = _exact_and_bound(z, weight, bias, scale, value)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        got = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+    assert got.shape == exact.shape
+    assert ((got.double() - exact).abs() <= bound).all(), float((got.double() - exact).abs().max())
+
+
+def test_a_ppca_sized_batch_takes_the_fused_formula_and_matches_the_materialized_mean(
+        monkeypatch):
+    z, weight, bias = _randn(1000, 64, 2, seed=6), _randn(13, 2, seed=7), _randn(13, seed=8)
+    scale, value = _randn(13, seed=9).abs() + 0.2, _randn(64, 13, seed=10)
+    calls = _fused_path_taken(monkeypatch)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        got = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+        materialized = Normal(F.linear(z, weight, bias), scale).to_event(1).log_prob(value)
+    assert calls  # chunked: one call per chunk of particles
+    exact, bound = _exact_and_bound(z, weight, bias, scale, value)
+    assert ((got.double() - exact).abs() <= bound).all()
+    torch.testing.assert_close(got, materialized, rtol=1e-5, atol=1e-4)
+
+
+def test_chunks_change_no_number(monkeypatch):
+    z, weight, bias = _randn(300, 20, 3, seed=11), _randn(7, 3, seed=12), _randn(7, seed=13)
+    scale, value = _randn(7, seed=14).abs() + 0.2, _randn(20, 7, seed=15)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        whole = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+        monkeypatch.setattr(distributions, "CHUNK_VALUES", 7 * 20 * 3)  # chunks of 3
+        chunked = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+    assert torch.equal(whole, chunked)
+
+
+def test_with_autograd_it_is_the_library_normal_of_the_linear_mean_to_the_bit():
+    z = _randn(5, 8, 2, seed=16).requires_grad_()
+    weight = _randn(6, 2, seed=17).requires_grad_()
+    bias, scale = _randn(6, seed=18).requires_grad_(), (_randn(6, seed=19).abs() + 0.3)
+    scale.requires_grad_()
+    value = _randn(8, 6, seed=20)
+    params = (z, weight, bias, scale)
+    got = AffineNormal(*params).to_event(1).log_prob(value).sum()
+    expected = Normal(F.linear(z, weight, bias), scale).to_event(1).log_prob(value).sum()
+    assert torch.equal(got, expected)
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(expected, params),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_scale_of_the_full_shape_uses_the_materialized_mean(monkeypatch):
+    z, weight, bias = _randn(4, 5, 2, seed=21), _randn(3, 2, seed=22), _randn(3, seed=23)
+    scale, value = _randn(4, 5, 3, seed=24).abs() + 0.2, _randn(5, 3, seed=25)
+    calls = _fused_path_taken(monkeypatch)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        got = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+        expected = Normal(F.linear(z, weight, bias), scale).to_event(1).log_prob(value)
+    assert not calls
+    assert torch.equal(got, expected)
+
+
+def test_mean_sampling_and_expand_behave_as_the_normal_of_the_mean():
+    z, weight, bias = _randn(5, 2, seed=26), _randn(3, 2, seed=27), _randn(3, seed=28)
+    scale = torch.full((3,), 0.5)
+    d = AffineNormal(z, weight, bias, scale)
+    assert d.batch_shape == (5, 3)
+    torch.testing.assert_close(d.mean, F.linear(z, weight, bias))
+    torch.testing.assert_close(d.variance, torch.full((5, 3), 0.25))
+    assert d.sample((7,)).shape == (7, 5, 3)
+    assert d.expand((5, 3)) is d
+    wider = d.expand((4, 5, 3))
+    assert isinstance(wider, AffineNormal) and wider.batch_shape == (4, 5, 3)
+    torch.testing.assert_close(wider.mean, F.linear(z, weight, bias).expand(4, 5, 3))
+    with pytest.raises(RuntimeError):
+        d.expand((5, 4))  # torch's own refusal, from the formed mean
+
+
+def test_a_mean_read_without_autograd_is_formed_again_when_a_gradient_is_wanted():
+    weight = _randn(3, 2, seed=29).requires_grad_()
+    d = AffineNormal(_randn(4, 2, seed=30), weight, torch.zeros(3), torch.ones(3),
+                     validate_args=False)  # validation reads the mean at once
+    with torch.no_grad():
+        assert not d.loc.requires_grad
+    d.log_prob(torch.zeros(4, 3)).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
