@@ -9,8 +9,10 @@ is
     (x - b) / s - z (W / s)^T,
 
 where (x - b) / s has the data's shape (rows, D) and W / s is D x k: the product of the
-latents with the scaled loadings, one subtraction, the square and the sum remain. At a
-PPCA's 1000 x 64 x 13 values that took 1.07 ms against 1.40 ms.
+latents with the scaled loadings, one subtraction, the square and the sum remain. The
+product is laid out data dims first, so that the sum over them adds whole contiguous
+slices (torch's reduction over rows of 13 values is three times slower per value). At
+a PPCA's 1000 x 64 x 13 values the log density took 0.64 ms against 1.40 ms.
 
 The numbers are within a few roundings of the other order, and no worse: ``x - b`` is
 taken before anything is added to ``b``, so data far from zero lose nothing to it. Each
@@ -31,11 +33,11 @@ from torch import Tensor
 from ppl_vae.models.distributions import (
     _HALF_LOG_2PI,
     Normal,
-    _minus_square,
     broadcast_shape,
+    event_dim_first,
     unbroadcast,
 )
-from ppl_vae.models.short_rows import affine, in_place
+from ppl_vae.models.short_rows import affine
 
 
 class AffineNormal(Normal):
@@ -82,32 +84,46 @@ class AffineNormal(Normal):
 
     def elementwise_terms(self, value: Tensor):
         """(formula, operands) of the log density; see the module doc."""
-        scale = unbroadcast(self.scale)
-        data_dim = self.weight.shape[0]
-        shape = self.batch_shape
-        fused = (not torch.is_grad_enabled() and not torch.jit.is_tracing()
-                 and scale.numel() in (1, data_dim) and scale.shape[-1:] in ((1,), shape[-1:])
-                 and value.dtype == self.z.dtype == self.weight.dtype
-                 and self.z.shape[:-1] + (data_dim,) == shape
-                 and broadcast_shape(value.shape, shape) == shape)
-        if not fused:
-            return super().elementwise_terms(value)
+        terms = self._fused_terms(value)
+        return super().elementwise_terms(value) if terms is None else terms
+
+    def _fused_terms(self, value: Tensor):
+        scale, shape = unbroadcast(self.scale), self.batch_shape
+        data_dim, batch = self.weight.shape[0], len(self.batch_shape) - 1
+        if (torch.is_grad_enabled() or torch.jit.is_tracing()
+                or scale.numel() not in (1, data_dim) or scale.shape[-1:] not in ((1,), shape[-1:])
+                or not value.dtype == self.z.dtype == self.weight.dtype
+                or self.z.shape[:-1] + (data_dim,) != shape
+                or broadcast_shape(value.shape, shape) != shape):
+            return None
         inverse = scale.reciprocal().mul_(math.sqrt(0.5))
         value_scaled = (value - self.bias) * inverse
-        weight_scaled = self.weight * inverse.reshape(-1, 1)
-        # Leading ones: operands are cut into chunks along their first dim unless it is 1.
-        weight_t = weight_scaled.T.reshape((1,) * len(shape) + weight_scaled.T.shape)
-        return _affine_normal_log_density, (value_scaled, self.z, weight_t,
-                                            scale.log() + _HALF_LOG_2PI)
+        value_scaled = value_scaled.reshape((1,) * (len(shape) - value_scaled.dim())
+                                            + value_scaled.shape)
+        if batch and value_scaled.shape[0] == 1:
+            # The same data for every chunk (the particles): laid out data dims first,
+            # as the formula reads them.
+            value_scaled = value_scaled.movedim(-1, 0).contiguous().movedim(0, -1)
+        # The product for the whole array, laid out data dims first (D, *batch) and
+        # read as a (*batch, D) view: the chunks then take their slices of one product
+        # whose shape is the call's, so they change no number (a matrix product's
+        # rounding of a row depends on how many rows it is given).
+        weight = self.weight * inverse.reshape(-1, 1)
+        batch_shape = shape[:-1]
+        product = torch.mm(weight, self.z.reshape(-1, self.z.shape[-1]).T)
+        product = product.view(data_dim, *batch_shape).movedim(0, -1)
+        log_norm_t = (scale.log() + _HALF_LOG_2PI).reshape(-1, *[1] * batch)
+        # A leading 1: chunks cut an operand along its first dim unless it is 1.
+        return _affine_normal_log_density, (value_scaled, product, log_norm_t.unsqueeze(0))
 
 
-def _affine_normal_log_density(value_scaled: Tensor, z: Tensor, weight_t: Tensor,
-                               log_norm: Tensor) -> Tensor:
-    out = torch.matmul(z, weight_t.reshape(weight_t.shape[-2:]))
-    in_place(_subtracted_from, out, value_scaled)
-    return in_place(_minus_square, out, -log_norm)
-
-
-def _subtracted_from(t: Tensor, operand: Tensor) -> Tensor:
-    """operand - t, in t's array."""
-    return torch.sub(operand, t, out=t)
+@event_dim_first
+def _affine_normal_log_density(value_scaled: Tensor, product: Tensor,
+                               log_norm_t: Tensor) -> Tensor:
+    """-((x - b)/s - z (W/s)^T)^2 - log_norm, in the product's own array, which lies data
+    dims first: the sum over the data dims is then a sum of whole contiguous slices,
+    three times faster per value than over rows of 13 values."""
+    out = product.movedim(-1, 0)
+    torch.sub(value_scaled.movedim(-1, 0), out, out=out)
+    torch.addcmul(-log_norm_t[0], out, out, value=-1, out=out)
+    return product

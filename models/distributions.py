@@ -265,15 +265,16 @@ def _autograd_or_trace(fn) -> bool:
 def _summed_in_chunks(formula: Callable[..., Tensor], operands: tuple[Tensor, ...],
                       shape: torch.Size, event_dims: int) -> Tensor:
     dims = tuple(range(-event_dims, 0))
+    slices = getattr(formula, "event_dim_first", False)
     batch = len(shape) - event_dims
     rows = shape[0] if batch > 0 else 1
     step = max(1, CHUNK_VALUES // max(1, math.prod(shape[1:])))
     if step >= rows:
-        return _event_sum(formula(*operands).expand(shape), dims)
+        return _event_sum(formula(*operands).expand(shape), dims, slices)
     out = None
     for start in range(0, rows, step):
         part = formula(*(_rows(t, len(shape), start, step) for t in operands))
-        part = _event_sum(part.expand(min(step, rows - start), *shape[1:]), dims)
+        part = _event_sum(part.expand(min(step, rows - start), *shape[1:]), dims, slices)
         if out is None:
             out = part.new_empty(shape[:batch])
         out[start:start + step] = part
@@ -284,13 +285,24 @@ def _summed_in_chunks(formula: Callable[..., Tensor], operands: tuple[Tensor, ..
 _SLICED_SUM_MAX = 6
 
 
-def _event_sum(values: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``values.sum(dims)``. A single short event dim (the 2 latents of a PPCA) is summed
-    one slice at a time: torch's reduction over a last dim of 2 takes ten times longer
-    than one elementwise add of its two slices (break-even near 8 values). Each row's
-    sum is then ((v0 + v1) + v2) + ..., whatever the array it is part of."""
+def event_dim_first(formula: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Mark an elementwise formula whose (..., D) values are a view of an array laid out
+    event dim first: each slice [..., j] a contiguous array. Their sum over the event dim
+    is then taken slice by slice (see :func:`_event_sum`)."""
+    formula.event_dim_first = True
+    return formula
+
+
+def _event_sum(values: Tensor, dims: tuple[int, ...], slices: bool = False) -> Tensor:
+    """``values.sum(dims)``. A single event dim is summed one slice at a time where it is
+    short (the 2 latents of a PPCA: torch's reduction over a last dim of 2 takes ten
+    times longer than one elementwise add of its two slices, break-even near 8 values),
+    or where ``slices`` says that its slices are contiguous arrays (13 x 20160 values:
+    38 us, against 103 us for torch's reduction over rows of 13). Each row's sum is then
+    ((v0 + v1) + v2) + ..., whatever the array it is part of. (torch's reduction over an
+    outer dim, faster still, rounds a row differently with the number of rows.)"""
     size = values.shape[-1] if values.dim() else 0
-    if len(dims) != 1 or not 2 <= size <= _SLICED_SUM_MAX:
+    if len(dims) != 1 or size < 2 or not (slices or size <= _SLICED_SUM_MAX):
         return values.sum(dims)
     out = values[..., 0] + values[..., 1]
     for j in range(2, size):

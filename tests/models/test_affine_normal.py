@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pyro
@@ -36,8 +37,9 @@ def _exact_and_bound(z, weight, bias, scale, value):
 def _fused_path_taken(monkeypatch) -> list:
     calls = []
     original = affine_normal._affine_normal_log_density
+    # (wraps keeps the formula's mark that its values lie event dim first)
     monkeypatch.setattr(affine_normal, "_affine_normal_log_density",
-                        lambda *args: calls.append(1) or original(*args))
+                        functools.wraps(original)(lambda *a: calls.append(1) or original(*a)))
     return calls
 
 
@@ -74,13 +76,20 @@ def test_a_ppca_sized_batch_takes_the_fused_formula_and_matches_the_materialized
     torch.testing.assert_close(got, materialized, rtol=1e-5, atol=1e-4)
 
 
-def test_chunks_change_no_number(monkeypatch):
-    z, weight, bias = _randn(300, 20, 3, seed=11), _randn(7, 3, seed=12), _randn(7, seed=13)
-    scale, value = _randn(7, seed=14).abs() + 0.2, _randn(20, 7, seed=15)
+@pytest.mark.parametrize(("rows", "step", "full_value"),
+                         [(20, 7, False), (20, 7, True), (1, 1, False), (1, 7, False)])
+def test_chunks_change_no_number(monkeypatch, rows, step, full_value):
+    # 300 particles in chunks of `step` (the last one shorter): each row's sum is taken
+    # slice by slice in every chunk, even in chunks of a single value per slice.
+    z, weight, bias = _randn(300, rows, 3, seed=11), _randn(7, 3, seed=12), _randn(7, seed=13)
+    scale = _randn(7, seed=14).abs() + 0.2
+    value = _randn(*((300,) if full_value else ()), rows, 7, seed=15)
+    calls = _fused_path_taken(monkeypatch)
     with torch.no_grad(), pyro.validation_enabled(False):
         whole = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
-        monkeypatch.setattr(distributions, "CHUNK_VALUES", 7 * 20 * 3)  # chunks of 3
+        monkeypatch.setattr(distributions, "CHUNK_VALUES", 7 * rows * step)
         chunked = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+    assert len(calls) == 1 + math.ceil(300 / step)
     assert torch.equal(whole, chunked)
 
 
