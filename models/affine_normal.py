@@ -19,8 +19,9 @@ taken before anything is added to ``b``, so data far from zero lose nothing to i
 order is deterministic and independent of the chunks and of the array a row is part of.
 
 With autograd, within a trace, or for a scale of another shape, the mean is formed (on
-first use, through :func:`~ppl_vae.models.short_rows.affine`) and everything is the
-library's :class:`~ppl_vae.models.distributions.Normal`, to the bit.
+first use, through :func:`~ppl_vae.models.short_rows.affine`) and the log density is the
+library's :class:`~ppl_vae.models.distributions.Normal`'s: a log density and its
+gradients are equal to the bit to those of ``Normal(F.linear(z, W, b), scale)``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ppl_vae.models.distributions import (
     broadcast_shape,
     event_dim_first,
     unbroadcast,
+    whole_array,
 )
 from ppl_vae.models.short_rows import affine
 
@@ -117,6 +119,7 @@ class AffineNormal(Normal):
         return _affine_normal_log_density, (value_scaled, product, log_norm_t.unsqueeze(0))
 
 
+@whole_array
 @event_dim_first
 def _affine_normal_log_density(value_scaled: Tensor, product: Tensor,
                                log_norm_t: Tensor) -> Tensor:

@@ -269,7 +269,7 @@ def _summed_in_chunks(formula: Callable[..., Tensor], operands: tuple[Tensor, ..
     batch = len(shape) - event_dims
     rows = shape[0] if batch > 0 else 1
     step = max(1, CHUNK_VALUES // max(1, math.prod(shape[1:])))
-    if step >= rows:
+    if step >= rows or getattr(formula, "whole_array", False):
         return _event_sum(formula(*operands).expand(shape), dims, slices)
     out = None
     for start in range(0, rows, step):
@@ -290,6 +290,15 @@ def event_dim_first(formula: Callable[..., Tensor]) -> Callable[..., Tensor]:
     event dim first: each slice [..., j] a contiguous array. Their sum over the event dim
     is then taken slice by slice (see :func:`_event_sum`)."""
     formula.event_dim_first = True
+    return formula
+
+
+def whole_array(formula: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Mark an elementwise formula that makes no temporary of its values' size (it works
+    in the array of one of its operands): it runs on the whole array at once, since
+    chunks would only add calls (a PPCA's 1000 x 64 x 13 values: 0.3 ms a call of
+    ``log_marginal``)."""
+    formula.whole_array = True
     return formula
 
 

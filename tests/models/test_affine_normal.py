@@ -34,12 +34,16 @@ def _exact_and_bound(z, weight, bias, scale, value):
     return terms.sum(-1), 16 * EPS32 * size.sum(-1) + 1e-6
 
 
-def _fused_path_taken(monkeypatch) -> list:
+def _fused_path_taken(monkeypatch, whole_array=True) -> list:
+    """Count the calls of the fused formula (and, with ``whole_array=False``, let the
+    event sum cut its array into chunks as it would any other formula's)."""
     calls = []
     original = affine_normal._affine_normal_log_density
-    # (wraps keeps the formula's mark that its values lie event dim first)
-    monkeypatch.setattr(affine_normal, "_affine_normal_log_density",
-                        functools.wraps(original)(lambda *a: calls.append(1) or original(*a)))
+    # (wraps keeps the formula's marks: values laid out event dim first, whole array)
+    counted = functools.wraps(original)(lambda *a: calls.append(1) or original(*a))
+    if not whole_array:
+        del counted.whole_array
+    monkeypatch.setattr(affine_normal, "_affine_normal_log_density", counted)
     return calls
 
 
@@ -70,7 +74,7 @@ def test_a_ppca_sized_batch_takes_the_fused_formula_and_matches_the_materialized
     with torch.no_grad(), pyro.validation_enabled(False):
         got = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
         materialized = Normal(F.linear(z, weight, bias), scale).to_event(1).log_prob(value)
-    assert calls  # chunked: one call per chunk of particles
+    assert len(calls) == 1  # on the whole array: it makes no temporary of its size
     exact, bound = _exact_and_bound(z, weight, bias, scale, value)
     assert ((got.double() - exact).abs() <= bound).all()
     torch.testing.assert_close(got, materialized, rtol=1e-5, atol=1e-4)
@@ -79,12 +83,13 @@ def test_a_ppca_sized_batch_takes_the_fused_formula_and_matches_the_materialized
 @pytest.mark.parametrize(("rows", "step", "full_value"),
                          [(20, 7, False), (20, 7, True), (1, 1, False), (1, 7, False)])
 def test_chunks_change_no_number(monkeypatch, rows, step, full_value):
-    # 300 particles in chunks of `step` (the last one shorter): each row's sum is taken
-    # slice by slice in every chunk, even in chunks of a single value per slice.
+    # The formula runs on the whole array; cut like any other into 300 particles' chunks
+    # of `step` (the last one shorter), each row's sum is still taken slice by slice,
+    # even in chunks of a single value per slice.
     z, weight, bias = _randn(300, rows, 3, seed=11), _randn(7, 3, seed=12), _randn(7, seed=13)
     scale = _randn(7, seed=14).abs() + 0.2
     value = _randn(*((300,) if full_value else ()), rows, 7, seed=15)
-    calls = _fused_path_taken(monkeypatch)
+    calls = _fused_path_taken(monkeypatch, whole_array=False)
     with torch.no_grad(), pyro.validation_enabled(False):
         whole = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
         monkeypatch.setattr(distributions, "CHUNK_VALUES", 7 * rows * step)
