@@ -49,12 +49,14 @@ class AffineNormal(Normal):
     ----------
     z : Tensor of shape (..., k)
     weight : Tensor of shape (D, k)
-    bias : Tensor broadcasting to (D,) or to the batch shape
-    scale : Tensor broadcasting to the batch shape (..., D)
+    bias : Tensor of shape (D,), or of a shape that broadcasts to the batch shape
+    scale : Tensor of a shape that broadcasts to the batch shape (..., D)
     """
 
-    def __init__(self, z: Tensor, weight: Tensor, bias: Tensor, scale: Tensor,
-                 validate_args=None):
+    # (torch.Tensor, not Tensor: the API reference resolves a class's signature without
+    # the module's names.)
+    def __init__(self, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 scale: torch.Tensor, validate_args=None):
         self.z, self.weight, self.bias = z, weight, bias
         loc_shape = broadcast_shape(z.shape[:-1] + weight.shape[:1], bias.shape)
         shape = broadcast_shape(loc_shape, scale.shape)
