@@ -19,9 +19,10 @@ taken before anything is added to ``b``, so data far from zero lose nothing to i
 order is deterministic and independent of the chunks and of the array a row is part of.
 
 With autograd, within a trace, or for a scale of another shape, the mean is formed (on
-first use, through :func:`~ppl_vae.models.short_rows.affine`) and the log density is the
-library's :class:`~ppl_vae.models.distributions.Normal`'s: a log density and its
-gradients are equal to the bit to those of ``Normal(F.linear(z, W, b), scale)``.
+construction where autograd records, on first use otherwise, through
+:func:`~ppl_vae.models.short_rows.affine`) and the log density is the library
+:class:`~ppl_vae.models.distributions.Normal`'s: a log density, its gradients and a whole
+``fit`` are equal to the bit to those of ``Normal(F.linear(z, W, b), scale)``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class AffineNormal(Normal):
         self.scale = scale.expand(shape)
         self._loc = None
         torch.distributions.Distribution.__init__(self, shape, validate_args=validate_args)
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            # Formed at once where a graph is recorded, as Normal(F.linear(z, W, b), scale)
+            # forms it: a fit then records the same graph, to the bit (formed later, at
+            # the log density, its loss drifted by an ulp within a few steps).
+            self._loc = self._formed_loc()
 
     @property
     def loc(self) -> Tensor:
@@ -71,9 +77,12 @@ class AffineNormal(Normal):
                  and not self._loc.requires_grad
                  and any(t.requires_grad for t in (self.z, self.weight, self.bias)))
         if self._loc is None or stale:
-            loc = affine(self.z, self.weight, self.bias)
-            self._loc = loc if loc.shape == self.batch_shape else loc.expand(self.batch_shape)
+            self._loc = self._formed_loc()
         return self._loc
+
+    def _formed_loc(self) -> Tensor:
+        loc = affine(self.z, self.weight, self.bias)
+        return loc if loc.shape == self.batch_shape else loc.expand(self.batch_shape)
 
     def expand(self, batch_shape, _instance=None) -> Normal:
         # Pyro's plates expand every site's distribution, mostly to the shape it has.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppl_vae.models import affine_normal, distributions
+import ppl_vae
+from ppl_vae.guides import LinearEncoder
+from ppl_vae.models import PPCA, FactorAnalysis, affine_normal, distributions, linear_gaussian
 from ppl_vae.models.affine_normal import AffineNormal
 from ppl_vae.models.distributions import Normal
 
@@ -142,9 +145,26 @@ def test_mean_sampling_and_expand_behave_as_the_normal_of_the_mean():
 
 def test_a_mean_read_without_autograd_is_formed_again_when_a_gradient_is_wanted():
     weight = _randn(3, 2, seed=29).requires_grad_()
-    d = AffineNormal(_randn(4, 2, seed=30), weight, torch.zeros(3), torch.ones(3),
-                     validate_args=False)  # validation reads the mean at once
-    with torch.no_grad():
+    with torch.no_grad():  # (with autograd on, the mean is formed at once, with its graph)
+        d = AffineNormal(_randn(4, 2, seed=30), weight, torch.zeros(3), torch.ones(3),
+                         validate_args=False)  # validation reads the mean at once
         assert not d.loc.requires_grad
     d.log_prob(torch.zeros(4, 3)).sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_class", [PPCA, FactorAnalysis])
+def test_a_fit_is_equal_to_the_bit_to_one_with_the_formed_mean(monkeypatch, model_class):
+    # 120 steps: past the step from which fit records its loss and gradients as one graph.
+    x = _randn(300, 6, seed=31) @ _randn(6, 6, seed=32)
+    model, guide = model_class(6, 2), LinearEncoder(6, 2)
+    fits = []
+    for likelihood in (AffineNormal, lambda z, w, b, s: Normal(F.linear(z, w, b), s)):
+        monkeypatch.setattr(linear_gaussian, "AffineNormal", likelihood)
+        m, g = copy.deepcopy(model), copy.deepcopy(guide)
+        result = ppl_vae.fit(m, g, x, num_steps=120, batch_size=64, lr=1e-2, progress=False,
+                             seed=0)
+        fits.append((result.history, [p.detach() for p in (*m.parameters(), *g.parameters())]))
+    (history, params), (formed_history, formed_params) = fits
+    assert (history == formed_history).all()
+    assert all(torch.equal(a, b) for a, b in zip(params, formed_params, strict=True))
