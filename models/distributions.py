@@ -25,7 +25,11 @@ measured, at about 2 us each, longer than the arithmetic. In chunks the temporar
 1 MB: they come from the heap and go back to it. Chunking changes no number: each chunk
 runs the same elementwise formula on the same values, and each row is summed over its own
 event dims. With a gradient to record (SVI, HMC), or within a trace, the distribution is
-Pyro's ``Independent`` as it was.
+Pyro's ``Independent`` as it was. Two marks on a formula change how it is summed: one
+that makes no temporary of its values' size runs on the whole array (:func:`whole_array`),
+and one whose values lie event dim first is summed slice by slice
+(:func:`event_dim_first`); the linear-Gaussian likelihood's formula has both
+(:mod:`ppl_vae.models.affine_normal`).
 
 Without autograd the formulas also avoid three slow spots of torch's CPU kernels, which
 took most of a small model's arithmetic (PPCA: 13 data dims, 2 latents):
