@@ -103,10 +103,12 @@ class AffineNormal(Normal):
     def _fused_terms(self, value: Tensor):
         scale, shape = unbroadcast(self.scale), self.batch_shape
         data_dim, batch = self.weight.shape[0], len(self.batch_shape) - 1
-        if (torch.is_grad_enabled() or torch.jit.is_tracing()
-                or scale.numel() not in (1, data_dim) or scale.shape[-1:] not in ((1,), shape[-1:])
-                or not value.dtype == self.z.dtype == self.weight.dtype
-                or self.z.shape[:-1] + (data_dim,) != shape
+        # One scale per data dim, or one in all: any other shape (one per row, say) is
+        # not a scaling of W's rows.
+        per_dim = scale.numel() == scale.shape[-1] and scale.shape[-1] in (1, data_dim)
+        dtypes = {t.dtype for t in (value, self.z, self.weight, self.bias, scale)}
+        if (torch.is_grad_enabled() or torch.jit.is_tracing() or not per_dim
+                or len(dtypes) > 1 or self.z.shape[:-1] + (data_dim,) != shape
                 or broadcast_shape(value.shape, shape) != shape):
             return None
         inverse = scale.reciprocal().mul_(math.sqrt(0.5))

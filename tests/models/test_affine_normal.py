@@ -116,6 +116,28 @@ def test_with_autograd_it_is_the_library_normal_of_the_linear_mean_to_the_bit():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", ["one scale per row", "float64 scale"])
+def test_other_scales_and_dtypes_give_the_normal_of_the_formed_mean(monkeypatch, case):
+    # Three rows of three dims: a scale per row has as many values as one per dim.
+    z, weight, bias = _randn(4, 3, 2, seed=33), _randn(3, 2, seed=34), _randn(3, seed=35)
+    scale, value = _randn(3, 1, seed=36).abs() + 0.2, _randn(3, 3, seed=37)
+    if case == "float64 scale":
+        scale = scale.reshape(3).double()
+    calls = _fused_path_taken(monkeypatch)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        got = AffineNormal(z, weight, bias, scale).to_event(1).log_prob(value)
+        expected = Normal(F.linear(z, weight, bias), scale).to_event(1).log_prob(value)
+    assert not calls
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_a_bias_of_another_dtype_is_refused_as_f_linear_refuses_it():
+    z, weight, bias = _randn(4, 3, 2, seed=38), _randn(3, 2, seed=39), _randn(3, seed=40)
+    with torch.no_grad(), pyro.validation_enabled(False), pytest.raises(RuntimeError):
+        AffineNormal(z, weight, bias.double(), torch.ones(3)).to_event(1).log_prob(
+            torch.zeros(4, 3, 3))
+
+
 def test_a_scale_of_the_full_shape_uses_the_materialized_mean(monkeypatch):
     z, weight, bias = _randn(4, 5, 2, seed=21), _randn(3, 2, seed=22), _randn(3, seed=23)
     scale, value = _randn(4, 5, 3, seed=24).abs() + 0.2, _randn(5, 3, seed=25)
