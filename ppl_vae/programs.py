@@ -56,10 +56,17 @@ def as_programs(model, guide, x: Tensor, *, plate: str | None = None,
     The trace that finds the data plate draws from the model; the caller's random state
     is left as it was, so a seeded call's numbers do not depend on it.
     """
-    with caller_rng_kept():
+    with caller_rng_kept(_converts(model, guide)):
         model = as_model(model, x, plate=plate)
         guide = as_guide(guide, model, x, num_data=num_data, proposal=proposal)
     return model, guide
+
+
+def _converts(model, guide) -> bool:
+    """Whether :func:`as_model` or :func:`as_guide` has work to do (and draws). Programs
+    in the engine's form pass through untouched: keeping the random state (70 us, most
+    of it numpy's) would buy nothing."""
+    return not (follows_convention(model) and (guide is None or follows_convention(guide)))
 
 
 def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
@@ -70,7 +77,7 @@ def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
     then the model's structure (``structure.check_structure``) and the guide as a
     proposal (``structure.check_guide``), in that order, so the engine below trusts both.
     """
-    with caller_rng_kept():
+    with caller_rng_kept(_converts(model, guide)):
         model = as_model(model, x, plate=plate)
         guide = as_guide(guide, model, x)
     space = check_structure(model, x[:1])

@@ -382,3 +382,30 @@ def test_signatures_are_read_per_function_and_bound_method():
     second.forward = lambda x: x  # a replaced forward is read again
     assert list(_parameters_of(second.forward)) == ["x"]
     assert list(_parameters_of(Unhashable())) == ["x", "y"]
+
+
+@pytest.mark.parametrize("programs", ["functions", "library modules"])
+def test_a_seeded_call_leaves_every_random_state_alone(clean_store, programs):
+    # A function model is traced at the boundary to find its data plate (it draws); the
+    # library's modules pass through untouched. Either way torch's, Python's and numpy's
+    # generators are where the caller left them.
+    import random
+
+    import numpy as np
+
+    from ppl_vae.guides import LinearEncoder
+    from ppl_vae.models import PPCA
+
+    x = styles.linear_data(20)
+    if programs == "functions":
+        _linear_start()
+        model, guide = styles.linear_model, styles.linear_guide
+    else:
+        model, guide = PPCA(styles.D, 2), LinearEncoder(styles.D, 2)
+    pyro.set_rng_seed(11)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    pyro.set_rng_seed(11)
+    ppl_vae.log_marginal(model, guide, x, 20, seed=3)
+    ppl_vae.elbo(model, guide, x, 5, seed=4)
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
