@@ -123,7 +123,7 @@ def ppca_elbo(W, mu, log_sigma, enc_weight, enc_bias, log_scale, x, eps) -> Tens
 def vae_log_marginal(encoder, decoder, x: Tensor, k: int) -> Tensor:
     """IWAE log p(x) per datapoint (N,), all K samples of the encoder at once."""
     loc, scale = gaussian_encoder(encoder, x)
-    eps = torch.randn(k, *loc.shape)
+    eps = torch.randn(k, *loc.shape, device=loc.device)
     z = loc + scale * eps
     log_q = (-0.5 * (eps.square() + LOG_2PI) - scale.log()).sum(-1)
     log_w = bernoulli_log_lik(decoder(z), x) + log_normal(z) - log_q
@@ -133,7 +133,7 @@ def vae_log_marginal(encoder, decoder, x: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def ppca_log_marginal(W, mu, sigma, enc_weight, enc_bias, scale, x, k: int) -> Tensor:
     """IS log p(x) per datapoint (N,) of PPCA with a linear diagonal encoder, all K at once."""
-    eps = torch.randn(k, *x.shape[:-1], W.shape[1], dtype=x.dtype)
+    eps = torch.randn(k, *x.shape[:-1], W.shape[1], dtype=x.dtype, device=x.device)
     z = x @ enc_weight.T + enc_bias + scale * eps
     resid = (x - z @ W.T - mu) / sigma
     log_lik = -0.5 * (resid.square() + LOG_2PI).sum(-1) - x.shape[-1] * sigma.log()
@@ -163,7 +163,7 @@ def vae_ais(decoder, loc: Tensor, scale: Tensor, x: Tensor, num_steps: int, num_
     on the densities and gradients that the last transition ended at.
     """
     chains = num_chains + pilot
-    z = loc + scale * torch.randn(chains, *loc.shape)
+    z = loc + scale * torch.randn(chains, *loc.shape, device=loc.device)
     betas = sigmoid_betas(num_steps)
 
     def parts(z):
@@ -171,8 +171,8 @@ def vae_ais(decoder, loc: Tensor, scale: Tensor, x: Tensor, num_steps: int, num_
             - 0.5 * z.shape[-1] * LOG_2PI
         return log_q, log_normal(z) + bernoulli_log_lik(decoder(z), x)
 
-    eps = torch.full((len(x), 1), step_size)
-    log_w = torch.zeros(chains, len(x))
+    eps = torch.full((len(x), 1), step_size, device=x.device)
+    log_w = torch.zeros(chains, len(x), device=x.device)
     for t in range(1, num_steps + 1):
         with torch.no_grad():
             log_q, log_p = parts(z)
@@ -279,7 +279,7 @@ def local_fit(elbo_fn, params: list[Tensor], x: Tensor, latent_dim: int, *, step
     history = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        eps = torch.randn(particles, len(x), latent_dim)
+        eps = torch.randn(particles, len(x), latent_dim, device=x.device)
         loss = -elbo_fn(eps).mean(0).sum()
         history.append(-loss.item() / len(x))
         loss.backward()

@@ -31,6 +31,13 @@ Items:
     python -m benchmarks.speed [--resume]         # the full grid, written item by item
     python -m benchmarks.speed --table            # the README table from the JSON
     python -m benchmarks.speed --quick --kept-pages   # no page faults on either side
+    python -m benchmarks.speed --device cuda          # the grid on a GPU ("full_cuda")
+
+On a GPU (``--device cuda``) models, data and the plain loops live on the device, every
+timer waits for the device's queued work before it stops, the GEMM bound is that
+device's float32 GEMM rate (TF32 off, torch's default), and the CPU side runs one
+thread. ``benchmarks/device_check.sh`` is the prepared run for a lent GPU machine: the
+CUDA tests, then this benchmark on the device.
 
 Each item also records the minor page faults of its timed calls (``library_faults``,
 ``plain_faults``: the fewest over the repeats). glibc faults fresh pages in for large
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import inspect
 import json
@@ -86,7 +94,8 @@ REGRESSION = 1.10
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes and repeats of one mode (the tests use toy ones)."""
+    """Problem sizes and repeats of one mode (the tests use toy ones), and the device
+    that models, data and plain loops live on."""
 
     data_dim: int = 784
     latent: int = 50
@@ -103,6 +112,7 @@ class Sizes:
     local_steps: int = 300
     local_repeats: int = 3
     importance_repeats: int = 2
+    device: str = "cpu"
 
 
 FULL = Sizes()
@@ -143,16 +153,24 @@ def minor_faults() -> int:
 
 
 def wall(fn) -> float:
-    """Seconds of one call of ``fn``."""
+    """Seconds of one call of ``fn``, its GPU work included (CUDA runs asynchronously)."""
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
-def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of this machine's single-precision GEMM at the current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def synchronize() -> None:
+    """Wait for every queued CUDA kernel; nothing to wait for where CUDA never started."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def sgemm_rate(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of single-precision GEMM on ``device`` (on CPU, at the current thread count)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    wall(lambda: a @ b)
     return 2 * size**3 / min(wall(lambda: a @ b) for _ in range(repeats))
 
 
@@ -175,9 +193,10 @@ def figures(timed: Timed, flops: float, rate: float, **extra) -> dict:
 # ------------------------------------------------------------------- fit steps
 
 
-def binary_data(n: int, d: int, seed: int = 0) -> torch.Tensor:
+def binary_data(n: int, d: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """Random pixels of MNIST's density, the same on every device (drawn on the CPU)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, d, generator=g) < 0.15).float()
+    return (torch.rand(n, d, generator=g) < 0.15).float().to(device)
 
 
 def _fit_seconds(model, guide, x, sizes: Sizes, batch: int, lr: float) -> float:
@@ -192,6 +211,7 @@ def _plain_fit_seconds(elbo_of_batch, params, x, sizes: Sizes, batch: int, lr: f
     opt = torch.optim.Adam(params, lr=lr, fused=fused or None)
     n = len(x)
     order = torch.cat([torch.randperm(n) for _ in range(sizes.fit_steps * batch // n + 1)])
+    order = order.to(x.device)
     batches = iter(order.split(batch))
 
     def loss():
@@ -217,15 +237,16 @@ def _fit_figures(ours, reference, sizes: Sizes, flops: float, rate: float) -> di
 
 def item_fit_vae(sizes: Sizes, rate: float) -> dict:
     torch.manual_seed(0)
-    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    x, batch = binary_data(sizes.fit_data, sizes.data_dim), 100
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    x, batch = binary_data(sizes.fit_data, sizes.data_dim, device=sizes.device), 100
 
     def reference(fused=False):
         encoder, decoder = copy.deepcopy(guide.net), copy.deepcopy(model.decoder)
         params = [*encoder.parameters(), *decoder.parameters()]
         return _plain_fit_seconds(
-            lambda xb: plain.vae_elbo(encoder, decoder, xb, torch.randn(len(xb), sizes.latent)),
+            lambda xb: plain.vae_elbo(encoder, decoder, xb,
+                                      torch.randn(len(xb), sizes.latent, device=xb.device)),
             params, x, sizes, batch, 1e-3, fused)
 
     return _fit_figures(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-3), reference,
@@ -235,8 +256,8 @@ def item_fit_vae(sizes: Sizes, rate: float) -> dict:
 def item_fit_ppca(sizes: Sizes, rate: float) -> dict:
     torch.manual_seed(0)
     d, k, n, batch = 64, 8, 5000, 128
-    model, guide = PPCA(d, k), LinearEncoder(d, k)
-    x = torch.randn(n, d) @ torch.randn(d, d) / math.sqrt(d)
+    model, guide = PPCA(d, k).to(sizes.device), LinearEncoder(d, k).to(sizes.device)
+    x = (torch.randn(n, d) @ torch.randn(d, d) / math.sqrt(d)).to(sizes.device)
 
     def reference(fused=False):
         W, mu = model.W.detach().clone(), model.mu.detach().clone()
@@ -246,7 +267,7 @@ def item_fit_ppca(sizes: Sizes, rate: float) -> dict:
         params = [p.requires_grad_() for p in (W, mu, log_sigma, weight, bias, log_scale)]
         return _plain_fit_seconds(
             lambda xb: plain.ppca_elbo(W, mu, log_sigma, weight, bias, log_scale, xb,
-                                       torch.randn(len(xb), k)),
+                                       torch.randn(len(xb), k, device=xb.device)),
             params, x, sizes, batch, 1e-2, fused)
 
     return _fit_figures(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-2), reference,
@@ -255,9 +276,10 @@ def item_fit_ppca(sizes: Sizes, rate: float) -> dict:
 
 def item_fit_flow(sizes: Sizes, rate: float) -> dict:
     torch.manual_seed(0)
-    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    guide = FlowEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden, num_flows=2)
-    x, batch = binary_data(sizes.fit_data, sizes.data_dim), 100
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    guide = FlowEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden,
+                        num_flows=2).to(sizes.device)
+    x, batch = binary_data(sizes.fit_data, sizes.data_dim, device=sizes.device), 100
 
     def reference(fused=False):
         encoder, couplings = copy.deepcopy(guide.net), copy.deepcopy(guide.flows)
@@ -265,7 +287,7 @@ def item_fit_flow(sizes: Sizes, rate: float) -> dict:
         params = [*encoder.parameters(), *couplings.parameters(), *decoder.parameters()]
         return _plain_fit_seconds(
             lambda xb: plain.flow_elbo(encoder, couplings, decoder, xb,
-                                       torch.randn(len(xb), sizes.latent)),
+                                       torch.randn(len(xb), sizes.latent, device=xb.device)),
             params, x, sizes, batch, 1e-3, fused)
 
     return _fit_figures(lambda: _fit_seconds(model, guide, x, sizes, batch, 1e-3), reference,
@@ -277,9 +299,9 @@ def item_fit_flow(sizes: Sizes, rate: float) -> dict:
 
 def item_log_marginal_vae(sizes: Sizes, rate: float) -> dict:
     torch.manual_seed(0)
-    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    x, k = binary_data(sizes.lm_points, sizes.data_dim, seed=1), sizes.lm_k
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    x, k = binary_data(sizes.lm_points, sizes.data_dim, seed=1, device=sizes.device), sizes.lm_k
     timed = best_alternating(
         lambda: wall(lambda: ppl_vae.log_marginal(model, guide, x, k, seed=0)),
         lambda: wall(lambda: plain.vae_log_marginal(guide.net, model.decoder, x, k)),
@@ -298,8 +320,10 @@ def wine() -> torch.Tensor:
 
 def item_log_marginal_ppca(sizes: Sizes, rate: float) -> dict:
     x, k = wine(), sizes.lm_k
-    model = PPCA.from_data(x, 2)
-    guide = LinearEncoder(x.shape[1], 2)  # at the prior: the cost does not depend on it
+    model = PPCA.from_data(x, 2).to(sizes.device)
+    # At the prior: the cost does not depend on it.
+    guide = LinearEncoder(x.shape[1], 2).to(sizes.device)
+    x = x.to(sizes.device)
     W, mu, sigma = (t.detach() for t in (model.W, model.mu, model.sigma))
     weight, bias = guide.loc.weight.detach(), guide.loc.bias.detach()
     scale = guide.raw_scale.detach().exp()
@@ -330,9 +354,9 @@ def ais_repeats(sizes: Sizes, points: int, chains: int, steps: int) -> int:
 
 def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) -> dict:
     torch.manual_seed(0)
-    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    x = binary_data(points, sizes.data_dim, seed=2)
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    guide = MLPEncoder(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    x = binary_data(points, sizes.data_dim, seed=2, device=sizes.device)
     for p in (*model.parameters(), *guide.parameters()):
         p.requires_grad_(False)
 
@@ -359,9 +383,9 @@ def item_ais(sizes: Sizes, rate: float, points: int, chains: int, steps: int) ->
 
 def item_fit_local(sizes: Sizes, rate: float, family: str) -> dict:
     torch.manual_seed(0)
-    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden)
-    x, steps, particles = binary_data(sizes.local_points, sizes.data_dim, seed=3), \
-        sizes.local_steps, 8
+    model = VAE(sizes.data_dim, sizes.latent, hidden=sizes.hidden).to(sizes.device)
+    x = binary_data(sizes.local_points, sizes.data_dim, seed=3, device=sizes.device)
+    steps, particles = sizes.local_steps, 8
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -395,11 +419,11 @@ def _local_problem(model, x, family: str):
     """(elbo_fn(eps), its parameters) of a plain local fit starting at N(0, I)."""
     n, d = len(x), model.latent_dim
     if family == "diag":
-        loc, log_scale = torch.zeros(n, d, requires_grad=True), torch.zeros(n, d,
-                                                                            requires_grad=True)
+        loc, log_scale = (torch.zeros(n, d, device=x.device, requires_grad=True)
+                          for _ in range(2))
         return (lambda eps: plain.local_diag_elbo(model.decoder, x, loc, log_scale, eps),
                 [loc, log_scale])
-    params = local_flow_params(LocalFlow(n, d))
+    params = local_flow_params(LocalFlow(n, d).to(x.device))
     return (lambda eps: plain.local_flow_elbo(model.decoder, x, params, eps),
             list(params.values()))
 
@@ -436,12 +460,12 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
     everything = json.loads(path.read_text()) if path.exists() else {}
     section = everything.get(mode) if resume else None
     if section is None:
-        section = {"meta": _meta(mode, sizes), "items": {}}
+        section = {"meta": _meta(mode, sizes, threads_list), "items": {}}
     everything[mode] = section
     _write(path, everything)
     for threads in threads_list:
         torch.set_num_threads(threads)
-        rate = sgemm_rate()
+        rate = sgemm_rate(device=sizes.device)
         section["meta"]["sgemm_gflops"][str(threads)] = rate / 1e9
         for name, measure in items(sizes):
             if only and not any(name.startswith(prefix) for prefix in only):
@@ -450,7 +474,7 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
                 continue
             start = time.perf_counter()
             # Measured again before each item: on a shared machine the rate follows the load.
-            rate = sgemm_rate()
+            rate = sgemm_rate(device=sizes.device)
             result = measure(sizes, rate)
             result["sgemm_gflops"] = rate / 1e9
             result["seconds"] = time.perf_counter() - start
@@ -465,13 +489,21 @@ def run(mode: str, sizes: Sizes, path: Path, *, resume: bool, only: list[str] | 
     return section
 
 
-def _meta(mode: str, sizes: Sizes) -> dict:
+def _meta(mode: str, sizes: Sizes, threads_list) -> dict:
     return {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "pyro": pyro.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "threads": list(THREADS), "sgemm_gflops": {},
+            "device": sizes.device, "device_name": device_name(sizes.device),
+            "threads": list(threads_list), "sgemm_gflops": {},
             "sizes": dict(sizes.__dict__),
             "malloc_env": {name: os.environ.get(name) for name in KEPT_PAGES}}
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (``torch.cuda.get_device_name``), or the CPU's architecture."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
 
 
 # glibc's settings that keep freed memory in the process (no mmap for large blocks, no
@@ -495,8 +527,10 @@ def table(section: dict) -> str:
     meta = section["meta"]
     gflops = ", ".join(f"{t} thread{'s' if t != '1' else ''} {g:.0f} GFLOP/s"
                        for t, g in meta["sgemm_gflops"].items())
+    where = (f"{meta['cpu_count']} CPUs" if meta.get("device", "cpu") == "cpu"
+             else f"on {meta['device_name']} (SGEMM of the device)")
     lines = [f"{meta['mode']} run of {meta['date'][:10]}, torch {meta['torch']}, "
-             f"{meta['cpu_count']} CPUs; SGEMM {gflops}", "",
+             f"{where}; SGEMM {gflops}", "",
              row("item", "threads", "library s", "plain s", "library / plain",
                  "GEMM bound s", "library / bound", "page faults"),
              row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:")]
@@ -526,6 +560,19 @@ def compare(fresh: dict, committed: dict) -> list[str]:
     return out
 
 
+def _device_type(parser, device: str) -> str:
+    """"cpu" or "cuda" for a usable ``--device``; else the parser's error."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        parser.error(f"--device takes cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device here")
+    return kind
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the < 2 minute subset")
@@ -534,7 +581,11 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip items already measured")
     parser.add_argument("--table", action="store_true", help="print the table and stop")
     parser.add_argument("--only", nargs="*", help="item name prefixes, e.g. fit/ ais/16x")
-    parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help=f"torch threads (default {list(THREADS)} on the CPU, 1 on a GPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="where models, data and plain loops run: cpu (default) or cuda; "
+                        "a GPU run writes under quick_cuda or full_cuda")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--kept-pages", action="store_true",
                         help="run in a child process whose glibc keeps freed memory")
@@ -544,19 +595,22 @@ def main(argv=None) -> None:
         child = subprocess.run([sys.executable, "-m", "benchmarks.speed", *argv],
                                env={**os.environ, **KEPT_PAGES}, check=False)
         raise SystemExit(child.returncode)
-    mode = ("quick" if args.quick else "full") + ("_kept_pages" if args.kept_pages else "")
+    on_gpu = _device_type(parser, args.device) == "cuda"
+    mode = (("quick" if args.quick else "full") + ("_cuda" if on_gpu else "")
+            + ("_kept_pages" if args.kept_pages else ""))
     if args.table:
         print(table(json.loads(args.json.read_text())[mode]))
         return
     if args.compare and not args.json.exists():
         parser.error(f"--compare reads the committed results at --json {args.json}: no such file")
-    sizes = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, device=args.device)
+    threads = args.threads or ([1] if on_gpu else list(THREADS))
     out = COMPARE_OUT if args.compare else args.json
     if args.compare and out.exists() and not args.resume:
         out.unlink()
     start = time.perf_counter()
     section = run(mode, sizes, out, resume=args.resume, only=args.only,
-                  threads_list=args.threads)
+                  threads_list=threads)
     print(f"\n{mode} run: {time.perf_counter() - start:.0f} s\n\n{table(section)}")
     if args.compare:
         committed = json.loads(args.json.read_text()).get(mode, {})

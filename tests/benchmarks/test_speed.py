@@ -198,3 +198,30 @@ def test_kept_pages_runs_in_a_child_whose_glibc_keeps_freed_memory(tmp_path):
     assert done.value.code == 0
     meta = json.loads(out.read_text())["quick_kept_pages"]["meta"]
     assert meta["malloc_env"] == speed.KEPT_PAGES
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "mps"])
+def test_a_device_other_than_cpu_or_cuda_is_refused(device, capsys):
+    with pytest.raises(SystemExit) as done:
+        speed.main(["--quick", "--device", device, "--only", "no-such-item"])
+    assert done.value.code == 2
+    assert "--device takes cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_is_refused_where_torch_sees_no_gpu(capsys):
+    with pytest.raises(SystemExit) as done:
+        speed.main(["--quick", "--device", "cuda", "--only", "no-such-item"])
+    assert done.value.code == 2
+    assert "torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_a_run_records_its_device_and_its_threads(tmp_path):
+    out = tmp_path / "speed.json"
+    speed.main(["--quick", "--device", "cpu", "--only", "no-such-item", "--threads", "1",
+                "--json", str(out)])
+    meta = json.loads(out.read_text())["quick"]["meta"]
+    assert meta["device"] == "cpu" and meta["threads"] == [1]
+    assert "CPUs" in speed.table({"meta": meta, "items": {}})
+    gpu = {**meta, "mode": "quick_cuda", "device": "cuda", "device_name": "NVIDIA H100"}
+    assert "on NVIDIA H100" in speed.table({"meta": gpu, "items": {}})
