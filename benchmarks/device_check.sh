@@ -16,7 +16,8 @@
 #                    (written item by item; rerun with the same file to resume)
 #   speed.log        the benchmark's lines and tables
 # DEVICE=cpu runs the same stages on the CPU (a dry run of this script anywhere); ONLY
-# passes item prefixes to the benchmark's --only.
+# passes item prefixes to the benchmark's --only; SITE is where Pyro's wheels and the
+# package's links go (default /tmp/ppl_vae_site).
 # Each stage has its own time limit, so that one stuck stage cannot eat the others'.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +26,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 
-SITE=/tmp/ppl_vae_site
+SITE=${SITE:-/tmp/ppl_vae_site}
 if ! python3 -c "import pyro" 2>/dev/null; then
     ls "$REPO"/.whl/*.whl >/dev/null 2>&1 || { echo "no Pyro here and no wheels in .whl/"; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
