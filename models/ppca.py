@@ -57,7 +57,7 @@ class PPCA(LinearGaussian):
 
         Returns
         -------
-        PPCA in the dtype of ``x`` (float64 for numpy input).
+        PPCA in the dtype and on the device of ``x`` (float64 for numpy input).
         """
         x = torch.as_tensor(x)
         if not x.is_floating_point():
@@ -74,7 +74,7 @@ class PPCA(LinearGaussian):
         eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
         sigma2 = eigvals[latent_dim:].mean()
         W = eigvecs[:, :latent_dim] * (eigvals[:latent_dim] - sigma2).clamp_min(0).sqrt()
-        model = cls(d, latent_dim).to(x.dtype)
+        model = cls(d, latent_dim).to(x)  # x's dtype and device
         with torch.no_grad():
             model.W.copy_(W)
             model.mu.copy_(mean)

@@ -278,10 +278,13 @@ def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_siz
         progress=progress,
         jit=bool(jit),
     )
-    space = check_structure(model, x, idx, num_data)
-    if proposal is not None:
-        check_guide(model, proposal, x, idx, num_data)
-        check_conditionable(proposal, x, idx, num_data)
+    # The checks trace the model and the proposal: a seeded call leaves the caller's
+    # generators where they were.
+    with caller_rng_kept(seed is not None):
+        space = check_structure(model, x, idx, num_data)
+        if proposal is not None:
+            check_guide(model, proposal, x, idx, num_data)
+            check_conditionable(proposal, x, idx, num_data)
     return model, proposal, x, idx, num_data, betas, settings, space
 
 

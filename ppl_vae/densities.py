@@ -43,7 +43,7 @@ def log_density(trace, shape: tuple[int, int], observed: bool | None = None) -> 
             if inside is not None:
                 outside = ~inside if outside is None else outside | ~inside
     if total is None:
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=_trace_device(trace))
     total = total.expand(shape)
     # After the sum: a likelihood evaluated at an impossible latent may be NaN.
     return total if outside is None else total.masked_fill(outside.expand(shape), -torch.inf)
@@ -96,7 +96,9 @@ def _sum_sites(trace, shape, names: set[str], latent: bool) -> Tensor:
             continue
         log_prob = _site_log_prob(site)
         total = log_prob if total is None else total + log_prob
-    return torch.zeros(shape) if total is None else total.expand(shape)
+    if total is None:
+        return torch.zeros(shape, device=_trace_device(trace))
+    return total.expand(shape)
 
 
 def refuse_nan(values: Tensor, traces: dict, shape: tuple[int, int], idx: Tensor) -> None:
@@ -141,14 +143,22 @@ def nan_sites(traces: dict, shape: tuple[int, int], idx: Tensor) -> list[str]:
 
 
 def _outside(trace, shape) -> Tensor:
-    outside = torch.zeros(shape, dtype=torch.bool)
+    outside = torch.zeros(shape, dtype=torch.bool, device=_trace_device(trace))
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
             continue
         inside = _inside_support(site["fn"], site["value"])
         if inside is not None:
-            outside = outside | ~inside.expand(shape).to(outside.device)
+            outside = outside | ~inside.expand(shape)
     return outside
+
+
+def _trace_device(trace) -> torch.device:
+    """Where a trace's sample values live (the CPU for a trace with none)."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and isinstance(site["value"], Tensor):
+            return site["value"].device
+    return torch.device("cpu")
 
 
 def refuse_nan_in_trace(model, guide, x: Tensor, idx: Tensor, num_data: int,

@@ -249,15 +249,16 @@ def pareto_khat(lw: Tensor) -> Tensor:
     would flag the most reliable estimate there is as unreliable.
     """
     if lw.shape[0] < 2:
-        return torch.full((lw.shape[1],), float("nan"), dtype=lw.dtype)
+        return torch.full((lw.shape[1],), float("nan"), dtype=lw.dtype, device=lw.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz
 
-        _, khat = arviz.psislw(lw.T.double().cpu().numpy().copy(), reff=1.0)
-    khat = torch.as_tensor(khat, dtype=lw.dtype).reshape(lw.shape[1])
+        # On the CPU first: a GPU's float64 copy of all the weights would double its memory.
+        _, khat = arviz.psislw(lw.T.cpu().double().numpy().copy(), reff=1.0)
+    khat = torch.as_tensor(khat, dtype=lw.dtype).reshape(lw.shape[1]).to(lw.device)
     tied = (lw.amax(0) - lw.amin(0)) < _TIED_SPAN
-    return khat.masked_fill(tied.cpu(), 0.0)
+    return khat.masked_fill(tied, 0.0)
 
 
 def _std(values: Tensor) -> Tensor:

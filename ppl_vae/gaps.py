@@ -30,7 +30,7 @@ from ppl_vae.estimators import (
 )
 from ppl_vae.local_fit import fit_local_trusted, local_family
 from ppl_vae.programs import as_checked_programs
-from ppl_vae.seeding import check_seed
+from ppl_vae.seeding import caller_rng_kept, check_seed
 from ppl_vae.settings import module_local
 from ppl_vae.structure import described
 from ppl_vae.validation import as_data, one_of, positive_int
@@ -236,38 +236,41 @@ def gaps(
     """
     x = as_data(x, model)
     seed = check_seed(seed)
-    # A guide that cannot be a proposal (a point mass, missing sites) is refused before
-    # the local fit, not after it.
-    model, guide, space = as_checked_programs(model, guide, x, plate=plate)
-    num_samples = positive_int(num_samples, "num_samples")
-    if local_steps is not None:
-        positive_int(local_steps, "local_steps")
-    positive_int(local_particles, "local_particles")
-    method = _log_px_method(model, log_px)
-    if method == "ais":
-        positive_int(ais_steps, "ais_steps")
-        positive_int(ais_chains, "ais_chains")
-    family = local_family(guide, x, local, match_family)
-    local_guide, fitted = fit_local_trusted(
-        model, x, family, init_from=guide, steps=local_steps, lr=local_lr,
-        num_particles=local_particles, progress=progress, seed=seed, space=space,
-    )
-    settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
-    per = _estimates(model, (local_guide, guide), space, x, method, settings, num_samples,
-                     evaluation_seed(seed), progress)
-    report = GapReport.from_per_datapoint(
-        per, log_px_method=method, local_family=family, num_samples=num_samples,
-        local_steps=fitted.num_steps, log_px_settings=settings,
-    )
-    if method == "importance" and report.khat_mean > KHAT_RELIABLE:
-        warnings.warn(
-            f"mean PSIS k-hat of the log p(x) proposal is {report.khat_mean:.2f} > "
-            f"{KHAT_RELIABLE}: log p(x) and the approximation gap are unreliable here "
-            "(likely too low); use log_px='ais' (annealed importance sampling from the "
-            "local guides) for a trustworthy log p(x)",
-            stacklevel=2,
+    # Every stage is seeded from seed: a seeded call leaves the caller's generators where
+    # they were.
+    with caller_rng_kept(seed is not None):
+        # A guide that cannot be a proposal (a point mass, missing sites) is refused before
+        # the local fit, not after it.
+        model, guide, space = as_checked_programs(model, guide, x, plate=plate)
+        num_samples = positive_int(num_samples, "num_samples")
+        if local_steps is not None:
+            positive_int(local_steps, "local_steps")
+        positive_int(local_particles, "local_particles")
+        method = _log_px_method(model, log_px)
+        if method == "ais":
+            positive_int(ais_steps, "ais_steps")
+            positive_int(ais_chains, "ais_chains")
+        family = local_family(guide, x, local, match_family)
+        local_guide, fitted = fit_local_trusted(
+            model, x, family, init_from=guide, steps=local_steps, lr=local_lr,
+            num_particles=local_particles, progress=progress, seed=seed, space=space,
         )
-    return report
+        settings = {"num_steps": ais_steps, "num_chains": ais_chains} if method == "ais" else {}
+        per = _estimates(model, (local_guide, guide), space, x, method, settings, num_samples,
+                         evaluation_seed(seed), progress)
+        report = GapReport.from_per_datapoint(
+            per, log_px_method=method, local_family=family, num_samples=num_samples,
+            local_steps=fitted.num_steps, log_px_settings=settings,
+        )
+        if method == "importance" and report.khat_mean > KHAT_RELIABLE:
+            warnings.warn(
+                f"mean PSIS k-hat of the log p(x) proposal is {report.khat_mean:.2f} > "
+                f"{KHAT_RELIABLE}: log p(x) and the approximation gap are unreliable here "
+                "(likely too low); use log_px='ais' (annealed importance sampling from the "
+                "local guides) for a trustworthy log p(x)",
+                stacklevel=2,
+            )
+        return report
 
 
 def evaluation_seed(seed: int | None) -> int:

@@ -92,12 +92,15 @@ def fit_local(
     """
     x = as_data(x, model)
     model, init_from = as_programs(model, init_from, x, plate=plate)
-    check_structure(model, x[:1])
-    return fit_local_trusted(
-        model, x, family, init_from=init_from, steps=steps, lr=lr,
-        num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,
-        progress=progress, seed=seed,
-    )[0]
+    # The fit seeds torch's generator as fit(seed=) does; a seeded call then leaves the
+    # caller's generators where they were, as every seeded estimate does.
+    with caller_rng_kept(check_seed(seed) is not None):
+        check_structure(model, x[:1])
+        return fit_local_trusted(
+            model, x, family, init_from=init_from, steps=steps, lr=lr,
+            num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,
+            progress=progress, seed=seed,
+        )[0]
 
 
 # Per family: the default most steps, and whether the guide's gradient sticks the landing

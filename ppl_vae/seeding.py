@@ -169,11 +169,28 @@ def caller_rng_kept(keep: bool = True):
     if not keep:
         yield
         return
-    state = pyro.util.get_rng_state()
+    state = random_state()
     try:
         yield
     finally:
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
+
+
+def random_state() -> dict:
+    """Every global generator a call may draw from: torch's, CUDA's (where CUDA has
+    started), Python's and numpy's. ``pyro.util.get_rng_state`` leaves CUDA's out, and
+    a model on a GPU draws its samples from them."""
+    state = pyro.util.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    """Restore what :func:`random_state` returned."""
+    pyro.util.set_rng_state(state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -188,24 +205,18 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """torch's, Python's and numpy's global random states, loadable with weights_only."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "random": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """:func:`random_state` in a form a checkpoint loads with weights_only."""
+    state = random_state()
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                      cached]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` returned (from a checkpoint, too)."""
     version, internal, gauss = state["random"]
-    random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_random_state({**state, "random": (version, tuple(internal), gauss),
+                      "numpy": (kind, keys.numpy().astype(np.uint32), position, has_gauss,
+                                cached)})

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ppl_vae.guides.latent_space import is_latent_site
 from ppl_vae.programs import as_model, follows_convention
+from ppl_vae.seeding import random_state, set_random_state
 from ppl_vae.settings import module_local
 from ppl_vae.validation import as_data, positive_int
 
@@ -53,7 +54,7 @@ def sample_from_model(
                              "know the width of the draws")
         like = as_data(like, name="like")
         model = as_model(model, like, plate=plate)
-    state = pyro.util.get_rng_state()
+    state = random_state()
     try:
         pyro.set_rng_seed(seed)
         with torch.no_grad():
@@ -63,7 +64,7 @@ def sample_from_model(
                 template = like.new_zeros(num_data, like.shape[1])
                 trace = poutine.trace(poutine.uncondition(model)).get_trace(template)
     finally:
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
     name = "x" if convention else _observed_site(trace)
     if name not in trace.nodes:
         raise ValueError("model has no sample site named 'x' (the observed data)")

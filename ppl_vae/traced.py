@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import warnings
 
-import pyro
-import pyro.util
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ppl_vae import joint_trace
+from ppl_vae.seeding import random_state, set_random_state
 
 # Calls after the first that are still checked against the plain loss, each on fresh
 # draws; a branch taken with probability 1/2 escapes all of them with probability 1/256.
@@ -70,7 +69,7 @@ class TracedLoss(nn.Module):
             # uninterrupted one, bit for bit); the generators then move on as the plain
             # loss moved them (Python's and numpy's too, which a trace does not touch).
             out = traced(x, idx, *self._params)
-            pyro.util.set_rng_state(after)
+            set_random_state(after)
             return out
         if traced is None:
             return self.loss_module(x, idx=idx, num_data=num_data)
@@ -91,15 +90,15 @@ class TracedLoss(nn.Module):
     def _checked_call(self, key, traced, x, idx, num_data) -> Tensor:
         """The traced loss, compared with the plain one on the same fresh draws."""
         self._unchecked[key] -= 1
-        state = pyro.util.get_rng_state()
+        state = random_state()
         with torch.no_grad():
             expected = self.loss_module(x, idx=idx, num_data=num_data)
-        after = pyro.util.get_rng_state()
-        pyro.util.set_rng_state(state)
+        after = random_state()
+        set_random_state(state)
         got = traced(x, idx, *self._params)
         # The trace draws from torch alone; Python's and numpy's generators move on as the
         # plain loss moved them, so that the next check sees fresh draws of theirs too.
-        pyro.util.set_rng_state(after)
+        set_random_state(after)
         if _close(got.detach(), expected):
             return got
         warnings.warn(
@@ -110,7 +109,7 @@ class TracedLoss(nn.Module):
             stacklevel=4,
         )
         self._traces[key] = None
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
         return self.loss_module(x, idx=idx, num_data=num_data)
 
     def _trace(self, x, idx, num_data):
@@ -126,13 +125,13 @@ class TracedLoss(nn.Module):
         where torch.fx cannot record the code or the check fails (then the forward ops
         alone are traced)."""
         module, params = self.loss_module, self._params
-        state = pyro.util.get_rng_state()
+        state = random_state()
         try:
             joint = joint_trace.record(module, self._names, params, x, idx, num_data)
         except Exception:  # noqa: BLE001 - any failure means: trace the forward alone
-            pyro.util.set_rng_state(state)
+            set_random_state(state)
             return None, None
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
         # Every value autograd differentiates, so that a gradient the recording missed
         # (an input it did not see) is a mismatch, not a parameter left untrained.
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
@@ -140,10 +139,10 @@ class TracedLoss(nn.Module):
         grads = torch.autograd.grad(loss, [params[i] for i in trainable], allow_unused=True)
         used = [i for i, g in zip(trainable, grads, strict=True) if g is not None]
         expected = [loss.detach(), *(g for g in grads if g is not None)]
-        after = pyro.util.get_rng_state()
-        pyro.util.set_rng_state(state)
+        after = random_state()
+        set_random_state(state)
         got = joint.loss_and_grads(x, idx, params)
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
         # Equal lists of differentiated values make got and expected the same length.
         if used != joint.trainable or not all(
                 _close_arrays(g, e) for g, e in zip(got, expected, strict=True)):
@@ -157,22 +156,22 @@ class TracedLoss(nn.Module):
             with _reparametrize_module(module, dict(zip(names, values, strict=True))):
                 return module(x, idx=idx, num_data=num_data)
 
-        state = pyro.util.get_rng_state()
+        state = random_state()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 traced = torch.jit.trace(loss, (x, idx, *params), check_trace=False)
-                pyro.util.set_rng_state(state)
+                set_random_state(state)
                 expected = module(x, idx=idx, num_data=num_data).detach()
-                after = pyro.util.get_rng_state()
-                pyro.util.set_rng_state(state)
+                after = random_state()
+                set_random_state(state)
                 got = traced(x, idx, *params).detach()
             except Exception as error:  # noqa: BLE001 - any failure means: run it plainly
-                pyro.util.set_rng_state(state)
+                set_random_state(state)
                 warnings.warn(f"the loss could not be traced ({error}); running it plainly",
                               stacklevel=4)
                 return None, None
-        pyro.util.set_rng_state(state)
+        set_random_state(state)
         if not _close(got, expected):
             warnings.warn(
                 f"the traced loss ({float(got)}) differs from the plain one "

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 
-import torch
 import torch.distributed as dist
 
 from ppl_vae.cli.fit import cmd_fit
@@ -60,16 +59,15 @@ def main(argv=None) -> None:
 
 @contextlib.contextmanager
 def _process_group():
-    """Under torchrun (WORLD_SIZE > 1 in the environment), the default process group:
-    nccl when CUDA is available, gloo otherwise; destroyed on the way out."""
+    """Under torchrun (WORLD_SIZE > 1 in the environment), the default process group,
+    destroyed on the way out. gloo, also where CUDA is available: the command line builds
+    its models on the CPU, and nccl reduces CUDA tensors only (DDP refuses CPU
+    parameters under it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         yield
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group("gloo")
     try:
         yield
     finally:

@@ -1,5 +1,9 @@
 """Everything follows the model's device: run where CUDA exists, skipped elsewhere."""
 
+import warnings
+
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -45,3 +49,77 @@ def test_ppca_trains_on_the_gpu(ppca_truth):
     fitted, guide = PPCA(10, 2).double().to(CUDA), LinearEncoder(10, 2).double().to(CUDA)
     ppl_vae.fit(fitted, guide, x, num_steps=100, lr=3e-2, seed=0, progress=False)
     assert torch.isfinite(fitted.marginal().log_prob(x)).all()
+
+
+def test_from_data_puts_the_whole_model_on_the_data_s_device(ppca_truth):
+    _, x = ppca_truth
+    on_cpu, on_gpu = PPCA.from_data(x, 2), PPCA.from_data(x.to(CUDA), 2)
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    assert on_gpu.sigma.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.marginal().log_prob(x.to(CUDA)).cpu(),
+                               on_cpu.marginal().log_prob(x), rtol=1e-9, atol=1e-9)
+
+
+def test_the_traced_loss_holds_on_the_gpu_and_resumes_bit_for_bit(tmp_path):
+    # Its check replays the loss under the saved random state: CUDA's generator too.
+    torch.manual_seed(0)
+    x = (torch.rand(200, 20) < 0.3).float().to(CUDA)
+
+    def build():
+        torch.manual_seed(1)
+        return VAE(20, 3, hidden=(32,)).to(CUDA), MLPEncoder(20, 3, hidden=(32,)).to(CUDA)
+
+    def run(**kwargs):
+        model, guide = build()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="the traced loss")
+            ppl_vae.fit(model, guide, x, num_steps=120, batch_size=50, seed=0,
+                        progress=False, **kwargs)
+        return torch.cat([p.detach().flatten() for p in (*model.parameters(),
+                                                          *guide.parameters())])
+
+    expected = run()
+
+    def stop_at_60(step, elbo):
+        if step == 60:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=path, callback=stop_at_60)
+    assert torch.equal(run(checkpoint=path, resume=True), expected)
+
+
+def test_seeded_calls_leave_the_gpu_s_random_state_alone():
+    torch.manual_seed(0)
+    model, guide = VAE(20, 3, hidden=(32,)).to(CUDA), MLPEncoder(20, 3, hidden=(32,)).to(CUDA)
+    x = (torch.rand(64, 20) < 0.3).float().to(CUDA)
+    before = torch.cuda.get_rng_state()
+    ppl_vae.log_marginal(model, guide, x, 20, seed=0)
+    ppl_vae.ais(model, x, proposal=guide, num_steps=3, num_chains=2, seed=0, progress=False)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
+def test_a_nan_density_on_the_gpu_is_refused_naming_its_site():
+    x = torch.randn(32, 3, device=CUDA)
+
+    def guide(x):
+        loc = pyro.param("loc_w", lambda: torch.zeros(3, device=x.device))
+        with pyro.plate("N", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ loc, 0.5))
+
+    def model(x):
+        with pyro.plate("N", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), device=x.device), 1.0))
+            loc = torch.log(z)[..., None].expand(*z.shape, x.shape[-1])  # NaN where z < 0
+            pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match=r"model site 'obs'"):
+        ppl_vae.log_marginal(model, guide, x, 50, seed=0)
+
+
+def test_diagnostics_are_all_on_the_gpu(ppca_truth):
+    model, x = ppca_truth
+    model, x = model.to(CUDA), x[:40].to(CUDA)
+    report = ppl_vae.diagnostics(model, LinearEncoder(10, 2).double().to(CUDA), x, 50, seed=0)
+    assert {report.khat.device.type, report.ess.device.type} == {"cuda"}
