@@ -2,11 +2,13 @@
 # The prepared run for a lent GPU machine: the CUDA tests, then the speed benchmark on the
 # device, in one call of under 10 minutes (a session has 15 minutes of device time).
 #
-# That machine has PyTorch with CUDA but not Pyro, and reaches no package registry, so
-# Pyro travels as wheels. Here, once, in the repository's root:
+# That machine has PyTorch with CUDA but neither Pyro nor ArviZ (k-hat), and reaches no
+# package registry, so they travel as wheels (pure Python; the rest of what they need,
+# numpy to xarray, is there). Here, once, in the repository's root:
 #
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps -d .whl pyro-ppl==1.9.2 pyro-api==0.1.2
+#   python3 -m pip download --no-deps -d .whl pyro-ppl==1.9.2 pyro-api==0.1.2 \
+#       arviz==0.23.4 h5netcdf==1.8.3 xarray-einstats==0.9.1 platformdirs==4.14.9
 #
 # then the device tool's run with command "bash benchmarks/device_check.sh", carry
 # [".whl"] and timeout_s 590. Everything lands in $OUT (runs/device without the tool):
@@ -27,8 +29,9 @@ export PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 
 SITE=${SITE:-/tmp/ppl_vae_site}
-if ! python3 -c "import pyro" 2>/dev/null; then
-    ls "$REPO"/.whl/*.whl >/dev/null 2>&1 || { echo "no Pyro here and no wheels in .whl/"; exit 2; }
+if ! python3 -c "import pyro, arviz" 2>/dev/null; then
+    ls "$REPO"/.whl/*.whl >/dev/null 2>&1 || { echo "no Pyro or ArviZ here, no wheels in .whl/"
+                                               exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target "$SITE" "$REPO"/.whl/*.whl || exit 2
 fi
