@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ppl_vae.autoguides import as_autoguide_view, is_autoguide
 from ppl_vae.guides.latent_space import DATA_PLATE
+from ppl_vae.plate_rows import PlateRowsError, checked_indexing, marked
 from ppl_vae.seeding import caller_rng_kept
 from ppl_vae.structure import check_guide, check_structure
 
@@ -57,7 +58,7 @@ def as_programs(model, guide, x: Tensor, *, plate: str | None = None,
     is left as it was, so a seeded call's numbers do not depend on it.
     """
     with caller_rng_kept(_converts(model, guide)):
-        model = as_model(model, x, plate=plate)
+        model = as_model(model, x, plate=plate, num_data=num_data)
         guide = as_guide(guide, model, x, num_data=num_data, proposal=proposal)
     return model, guide
 
@@ -95,8 +96,10 @@ def follows_convention(program) -> bool:
     return parameters is not None and {"idx", "num_data"} <= set(parameters)
 
 
-def as_model(model, x: Tensor, *, plate: str | None = None) -> nn.Module:
-    """The engine's form of ``model``, after checking it on the data ``x`` (N, D).
+def as_model(model, x: Tensor, *, plate: str | None = None,
+             num_data: int | None = None) -> nn.Module:
+    """The engine's form of ``model``, after checking it on the data ``x`` (N, D), rows of
+    a dataset of ``num_data`` (default N).
 
     A module of the library's convention is returned as it is. Any other Pyro program
     ``model(x)`` is traced once on ``x`` to find its data plate: the plate around the
@@ -116,7 +119,7 @@ def as_model(model, x: Tensor, *, plate: str | None = None) -> nn.Module:
     trace = _raw_trace(model, x, "model")
     name = _data_plate(trace, len(x), plate)
     _check_observed(trace, name)
-    return PyroProgram(model, name).found_params(x)
+    return PyroProgram(model, name).found_params(x, num_data)
 
 
 def as_guide(guide, model: nn.Module, x: Tensor, *, num_data: int | None = None,
@@ -142,11 +145,13 @@ def as_guide(guide, model: nn.Module, x: Tensor, *, num_data: int | None = None,
 class DataPlate(Messenger):
     """Make the program's plate ``name`` the engine's ``"data"`` plate for one call.
 
-    The plate's own subsample site is renamed ``"data"`` and given the rows of the
-    call (their dataset indices ``idx`` when the plate knows the dataset's size, their
-    positions otherwise, which is what a plate sized by ``x.shape[0]`` indexes); every
-    site inside it gets the ``"data"`` frame, and a scale of num_data / rows overall,
-    the factor Pyro's subsampling applies, so a minibatch estimates the whole set.
+    The plate's own subsample site is renamed ``"data"`` and given the dataset indices
+    ``idx`` of the call's rows, whether the plate is sized by the dataset or by
+    ``x.shape[0]``: a per-datapoint array indexed by the plate then reads each row's own
+    values, as in a call on the whole dataset (:mod:`ppl_vae.plate_rows` refuses, at the
+    boundary, indexing anything else with them). Every site inside it gets the
+    ``"data"`` frame, and a scale of num_data / rows overall, the factor Pyro's
+    subsampling applies, so a minibatch estimates the whole set.
     """
 
     def __init__(self, name: str, num_data: int, idx: Tensor):
@@ -169,12 +174,10 @@ class DataPlate(Messenger):
                 return
 
     def _hand_rows(self, msg) -> None:
-        rows = len(self.idx)
         if msg["value"] is None:
-            knows_dataset = msg["fn"].size == self.num_data
-            msg["value"] = self.idx if knows_dataset else torch.arange(rows, device=self.idx.device)
+            msg["value"] = marked(self.idx)
         msg["name"] = DATA_PLATE
-        msg["fn"] = _Subsample(self.num_data, rows)
+        msg["fn"] = _Subsample(self.num_data, len(self.idx))
 
 
 @dataclass
@@ -214,6 +217,10 @@ class PyroProgram(nn.Module):
         self.fn = fn
         self.plate = plate
         self._links: dict[str, _Link] = {}
+        # A function written in the library's signature (x, idx=None, num_data=None) is
+        # told its rows, as a module of the convention is.
+        parameters = _parameters_of(fn.forward if isinstance(fn, nn.Module) else fn)
+        self._takes_rows = parameters is not None and {"idx", "num_data"} <= set(parameters)
 
     @property
     def program_name(self) -> str:
@@ -226,13 +233,20 @@ class PyroProgram(nn.Module):
         num_data = num_data or len(x)
         with DataPlate(self.plate, num_data, idx), self._linked(), _quiet(), \
                 _autoguide_plates(self.fn, self.plate, num_data, idx):
+            if self._takes_rows:
+                return self.fn(x, idx=idx, num_data=num_data)
             return self.fn(x)
 
     def found_params(self, x: Tensor, num_data: int | None = None) -> PyroProgram:
         """Register the parameters one trace of the program on ``x[:1]`` reads."""
-        idx = torch.zeros(1, dtype=torch.long, device=x.device)
-        with torch.no_grad(), pyro.validation_enabled(False):
-            trace = poutine.trace(self, param_only=True).get_trace(x[:1], idx, num_data or len(x))
+        num_data = num_data or len(x)
+        # The dataset's last row: a per-datapoint array must reach it.
+        idx = torch.full((1,), num_data - 1, dtype=torch.long, device=x.device)
+        try:
+            with torch.no_grad(), pyro.validation_enabled(False), checked_indexing(num_data):
+                trace = poutine.trace(self, param_only=True).get_trace(x[:1], idx, num_data)
+        except PlateRowsError as error:  # without the trace shapes Pyro appends
+            raise ValueError(f"{_shown(self.fn)}: {str(error).splitlines()[0]}") from None
         own = {id(p) for p in self.parameters()}
         roots = _roots(self.fn)
         for name, site in trace.nodes.items():
