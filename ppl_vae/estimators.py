@@ -430,6 +430,8 @@ def _unit(model, guide, x, idx, num_data, k, proposal) -> Tensor:
         guide_trace = poutine.trace(guide).get_trace(x, idx, num_data)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed).get_trace(x, idx, num_data)
-    lw = log_density(model_trace, shape) - log_density(guide_trace, shape, observed=False)
+    # log q is every site of the guide, as in Pyro's ELBOs: a pyro.factor there (a
+    # log-Jacobian, say) is an observed site of the guide's.
+    lw = log_density(model_trace, shape) - log_density(guide_trace, shape)
     refuse_nan(lw, {"model": model_trace, "guide": guide_trace}, shape, idx)
     return lw

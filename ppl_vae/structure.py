@@ -106,6 +106,7 @@ def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int):
     """
     trace = check_guide_covers(model, guide, x[:1], idx[:1], num_data)
     _refuse_point_masses(trace)
+    _refuse_latents_drawn_given_auxiliaries(trace)
     _refuse_nan_density(guide, trace)
     return trace
 
@@ -227,6 +228,27 @@ def _refuse_nan_density(guide, trace) -> None:
 def described(program) -> str:
     """A model's or guide's name for messages: the user's own for a wrapped program."""
     return getattr(program, "program_name", type(program).__name__)
+
+
+def _refuse_latents_drawn_given_auxiliaries(trace) -> None:
+    """With auxiliary sites, q(z) is the marginal over them. The trace's joint density
+    q(aux) q(z | aux) gives it only where every latent is a point mass given them (Pyro's
+    autoguides hand each latent its piece of one vector so). A latent drawn at random
+    given an auxiliary draw, a hierarchical guide, would need a reverse model r(aux | z):
+    without one its weights are biased upwards (log p(x) and the ELBO too high)."""
+    auxiliary = sorted(name for name, site in trace.nodes.items()
+                       if site["type"] == "sample" and site["infer"].get("is_auxiliary"))
+    drawn = sorted(name for name, site in trace.nodes.items()
+                   if is_latent_site(site) and not site["infer"].get("is_auxiliary")
+                   and not is_point_mass(site["fn"]))
+    if auxiliary and drawn:
+        raise ValueError(
+            f"the guide draws its latent sites {drawn} at random alongside the auxiliary sites "
+            f"{auxiliary}: q of the latents is then the marginal over the auxiliary draws, "
+            "which the guide's joint density does not give, so importance weights would be "
+            "biased; draw the latents directly, or make each a point mass (dist.Delta) of "
+            "the auxiliary draws with its log-Jacobian (Delta's log_density or pyro.factor)"
+        )
 
 
 def _refuse_point_masses(trace) -> None:

@@ -175,7 +175,7 @@ def _keep(out: _Drawn, space, guide_trace, model_trace, samples: slice, position
     shape = (samples.stop - samples.start, rows)
     for name, trace, observed in (("log_lik", model_trace, True),
                                   ("log_prior", model_trace, False),
-                                  ("log_q", guide_trace, False)):
+                                  ("log_q", guide_trace, None)):  # its factors too
         values = log_density(trace, shape, observed=observed)[:, real]
         getattr(out, name)[samples, positions] = values.double()
     for name, site in _replayable(guide_trace):
@@ -325,7 +325,7 @@ def _score(job: Job, values: dict[str, Tensor], infer: dict[str, dict], rows: sl
     with pyro.plate("particles", shape[0], dim=-2):
         scored = poutine.trace(poutine.replay(job.guide, trace=trace)).get_trace(
             x, idx, job.num_data)
-    return log_density(scored, shape, observed=False).double()
+    return log_density(scored, shape).double()  # the guide's factors too, as log q
 
 
 def _check_replay(own_score: Tensor, log_q: Tensor, mine: Tensor) -> None:

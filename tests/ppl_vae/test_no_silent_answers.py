@@ -178,3 +178,59 @@ def test_refuse_nan_tells_a_nan_from_infinities_of_both_signs():
     values[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"log weights of rows \[2\]"):
         refuse_nan(values, {}, (3, 4), idx)
+
+
+def test_a_factor_in_the_guide_is_part_of_log_q():
+    # z = exp(u), u ~ the exact posterior of log z: q(z) needs the log-Jacobian -sum(u),
+    # which the guide states with pyro.factor, as Pyro's docs show. Every log weight is
+    # then log p(x) exactly; the factor had been dropped (an error of sum(u) per weight).
+    g = torch.Generator().manual_seed(7)
+    d, k, sigma = 4, 2, 0.5
+    W = torch.randn(d, k, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(20, k, generator=g, dtype=torch.float64) @ W.T + b \
+        + sigma * torch.randn(20, d, generator=g, dtype=torch.float64)
+    exact = torch.distributions.MultivariateNormal(
+        b, W @ W.T + sigma**2 * torch.eye(d, dtype=torch.float64)).log_prob(x)
+    cov = torch.linalg.inv(torch.eye(k, dtype=torch.float64) + W.T @ W / sigma**2)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.LogNormal(torch.zeros(k, dtype=x.dtype), 1.0)
+                            .to_event(1))
+            pyro.sample("obs", dist.Normal(z.log() @ W.T + b, sigma).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            u = pyro.sample("u", dist.MultivariateNormal((x - b) @ W @ cov / sigma**2, cov),
+                            infer={"is_auxiliary": True})
+            pyro.sample("z", dist.Delta(u.exp(), event_dim=1))
+            pyro.factor("log_jacobian", -u.sum(-1), has_rsample=True)
+
+    lw = ppl_vae.log_weights(model, guide, x, 8, seed=0)
+    torch.testing.assert_close(lw, exact.expand(8, -1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ppl_vae.elbo(model, guide, x, 8, seed=0), exact, rtol=0,
+                               atol=1e-9)
+    surgery = ppl_vae.elbo_surgery(model, guide, x, num_samples=8, seed=0)
+    assert surgery.summary()["elbo"] == pytest.approx(float(exact.mean()), abs=1e-9)
+
+
+def test_a_latent_drawn_at_random_given_an_auxiliary_draw_is_refused_as_a_proposal():
+    # c ~ N(0, 1) auxiliary, z | c ~ N(c, 1): q(z) is the marginal N(0, 2), which the
+    # guide's joint density q(c) q(z | c) does not give. Its weights had been accepted:
+    # log p(x) came out 1.9 nats too high, the ELBO above log p(x).
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z[..., None].expand(*z.shape, 3), 1.0).to_event(1),
+                        obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Normal(torch.zeros(x.shape[0]), 1.0),
+                            infer={"is_auxiliary": True})
+            pyro.sample("z", dist.Normal(c, 1.0))
+
+    for estimate in (ppl_vae.log_marginal, ppl_vae.elbo):
+        with pytest.raises(ValueError, match=r"latent sites \['z'\] at random alongside"):
+            estimate(model, guide, X, 10, seed=0)
