@@ -115,7 +115,7 @@ def refine(
     """
     x = as_data(x, model)
     model, guide = as_programs(model, guide, x, plate=plate)
-    check_structure(model, x[:1])
+    check_structure(model, x)
     steps = positive_int(steps, "steps")
     schedule = None if tol is None else _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     num_samples = positive_int(num_samples, "num_samples")

@@ -6,6 +6,8 @@ user's model and guide into the engine's form), so the engine below trusts its i
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -15,6 +17,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from ppl_vae.guides.latent_space import LatentSpace, fails_on_one_row, is_latent_site
+from ppl_vae.row_coupling import refuse_coupled_rows
 from ppl_vae.validation import positive_int
 
 
@@ -40,13 +43,18 @@ def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
     return idx, num_data
 
 
-def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) -> LatentSpace:
+def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, *,
+                    data_dtype: bool = False) -> LatentSpace:
     """Check, on one cheap trace, what per-datapoint estimates need of a model.
 
     Every latent site must live in the ``"data"`` plate (a global latent couples the
     datapoints, so log p(x_n) no longer splits per datapoint), declare its event dims,
     and be continuous; an observed site must declare a datapoint's dims as event dims
     (``.to_event(1)``), or its log-density is not one number per datapoint.
+
+    With ``data_dtype`` (for work that draws latents from the model's prior and holds
+    them in the data's dtype: AIS, local fits), the model's latents must also be drawn
+    in the dtype of x.
 
     Returns
     -------
@@ -62,6 +70,11 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None) 
         raise ValueError(fails_on_one_row(model, error)) from error
     space = LatentSpace.of_trace(model, trace)
     _refuse_observed_shapes(trace)
+    _refuse_scaled_sites(trace, float(num_data or 1))
+    if data_dtype:
+        _refuse_other_dtypes(trace, x.dtype)
+    rows = torch.arange(len(x), device=x.device) if idx is None else idx
+    refuse_coupled_rows(model, "model", x, rows, num_data or len(x))
     return space
 
 
@@ -78,6 +91,34 @@ def check_observed(model, x: Tensor, idx: Tensor | None = None, num_data=None) -
             "dist.Bernoulli(logits=...).to_event(1)"
         ) from error
     _refuse_observed_shapes(trace)
+
+
+def _refuse_other_dtypes(trace, dtype: torch.dtype) -> None:
+    for name, site in trace.nodes.items():
+        if is_latent_site(site) and site["value"].dtype != dtype:
+            raise ValueError(
+                f"the model draws its latent site {name!r} in {site['value'].dtype} but x is "
+                f"{dtype}: give the data the model's dtype (x.float() or x.double()), or "
+                "build the model's constants in the data's dtype"
+            )
+
+
+def _refuse_scaled_sites(trace, data_scale: float) -> None:
+    """Refuse a site that the model itself scales (``poutine.scale``, a tempered or
+    reweighted likelihood). The estimators score every site unscaled, which undoes the
+    data plate's num_data / rows: a scale of the model's own would be dropped silently.
+    ``data_scale`` is the plate's scale on the trace's one row."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        own = float(site["scale"]) / data_scale
+        if not math.isclose(own, 1.0, rel_tol=1e-9):
+            raise ValueError(
+                f"the model scales its site {name!r} by {own:g} (poutine.scale, a tempered "
+                "or reweighted term): log p(x), the ELBO and AIS are computed for the "
+                "unscaled model, so that scale would be dropped without a word; evaluate "
+                "the model without it"
+            )
 
 
 def _refuse_observed_shapes(trace) -> None:
@@ -108,6 +149,7 @@ def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int):
     _refuse_point_masses(trace)
     _refuse_latents_drawn_given_auxiliaries(trace)
     _refuse_nan_density(guide, trace)
+    refuse_coupled_rows(guide, "guide", x, idx, num_data)
     return trace
 
 
