@@ -1,7 +1,7 @@
 """A program's data-plate indices are dataset rows, and what it may index with them.
 
 The engine runs a program on blocks of rows and hands its data plate the rows' dataset
-indices, so that a per-datapoint array indexed by the plate, the usual Pyro pattern
+indices, so that a per-datapoint array indexed by the plate, the usual Pyro pattern::
 
     loc = pyro.param("loc", torch.zeros(N, k))
     with pyro.plate("data", x.shape[0]) as ind:
