@@ -187,6 +187,7 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int):
             f"the model's latent sites {sorted(missing)} have no site in the guide "
             f"({described(guide)}): they would be drawn from the prior while their "
             "density stays in the joint; give the guide a site of the same name for each"
+            + _obs_mask_hint(missing)
         )
     extra = [
         name for name, site in guide_trace.nodes.items()
@@ -199,6 +200,16 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int):
             "them to the model's sites or mark them infer={'is_auxiliary': True}"
         )
     return guide_trace
+
+
+def _obs_mask_hint(missing) -> str:
+    # pyro.sample(..., obs_mask=m) samples the masked values as a latent "<name>_unobserved".
+    masked = sorted(name for name in missing if name.endswith("_unobserved"))
+    if not masked:
+        return ""
+    return (f". {masked} come of obs_mask=, which makes Pyro draw the masked values as "
+            "latents; to leave missing values out of the likelihood, mask the distribution "
+            "instead: dist.Normal(loc, scale).mask(observed).to_event(1)")
 
 
 def check_supports(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:

@@ -294,3 +294,15 @@ def test_a_program_whose_rows_depend_on_each_other_is_refused(model, guide, role
     with pytest.raises(ValueError, match=rf"the {role} .* scores a datapoint differently"):
         ppl_vae.log_marginal(model, guide, X, 10, proposal=proposal, seed=0)
     ppl_vae.log_marginal(_plain_model, _plain_guide, X, 10, seed=0)  # rows apart: fine
+
+
+def test_obs_mask_is_refused_with_the_way_to_mask_missing_values():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            loc = z[..., None].expand(*z.shape, 3)
+            pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=x,
+                        obs_mask=x[:, 0] > -100)  # every row observed; still two sites
+
+    with pytest.raises(ValueError, match=r"come of obs_mask=.*\.mask\(observed\)"):
+        ppl_vae.log_marginal(model, _plain_guide, X, 10, seed=0)
