@@ -90,9 +90,12 @@ def follows_convention(program) -> bool:
     """True for a module whose ``forward`` takes ``(x, idx, num_data)``: the engine's form."""
     if isinstance(program, PyroProgram):
         return True
-    if not isinstance(program, nn.Module):
-        return False
-    parameters = _parameters_of(program.forward)
+    return isinstance(program, nn.Module) and _takes_rows(program)
+
+
+def _takes_rows(program) -> bool:
+    """Whether ``program`` (its ``forward``, for a module) takes ``idx`` and ``num_data``."""
+    parameters = _parameters_of(program.forward if isinstance(program, nn.Module) else program)
     return parameters is not None and {"idx", "num_data"} <= set(parameters)
 
 
@@ -219,8 +222,7 @@ class PyroProgram(nn.Module):
         self._links: dict[str, _Link] = {}
         # A function written in the library's signature (x, idx=None, num_data=None) is
         # told its rows, as a module of the convention is.
-        parameters = _parameters_of(fn.forward if isinstance(fn, nn.Module) else fn)
-        self._takes_rows = parameters is not None and {"idx", "num_data"} <= set(parameters)
+        self._takes_rows = _takes_rows(fn)
 
     @property
     def program_name(self) -> str:

@@ -22,11 +22,15 @@ from torch import Tensor
 RTOL, ATOL = 1e-4, 1e-4
 
 
-def refuse_coupled_rows(program, role: str, x: Tensor, idx: Tensor, num_data: int) -> None:
+def refuse_coupled_rows(program, role: str, x: Tensor, idx: Tensor | None,
+                        num_data: int) -> None:
     """Raise a ValueError if ``program`` (a converted user program) scores the last row
-    of ``x`` differently beside the first row than alone."""
+    of ``x`` (dataset indices ``idx``, default 0..N-1) differently beside the first row
+    than alone."""
     if getattr(program, "program_name", None) is None or len(x) < 2:
         return
+    if idx is None:
+        idx = torch.arange(len(x), device=x.device)
     pair, pair_idx = x[[0, -1]], idx[[0, -1]]
     try:
         with torch.no_grad(), pyro.validation_enabled(False):

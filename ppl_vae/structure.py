@@ -73,8 +73,7 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
     _refuse_scaled_sites(trace, float(num_data or 1))
     if data_dtype:
         _refuse_other_dtypes(trace, x.dtype)
-    rows = torch.arange(len(x), device=x.device) if idx is None else idx
-    refuse_coupled_rows(model, "model", x, rows, num_data or len(x))
+    refuse_coupled_rows(model, "model", x, idx, num_data or len(x))
     return space
 
 
