@@ -146,7 +146,7 @@ def check_guide(model, guide, x: Tensor, idx: Tensor, num_data: int):
     """
     trace = check_guide_covers(model, guide, x[:1], idx[:1], num_data)
     _refuse_point_masses(trace)
-    _refuse_latents_drawn_given_auxiliaries(trace)
+    refuse_latents_drawn_given_auxiliaries(trace)
     _refuse_nan_density(guide, trace)
     refuse_coupled_rows(guide, "guide", x, idx, num_data)
     return trace
@@ -282,12 +282,15 @@ def described(program) -> str:
     return getattr(program, "program_name", type(program).__name__)
 
 
-def _refuse_latents_drawn_given_auxiliaries(trace) -> None:
-    """With auxiliary sites, q(z) is the marginal over them. The trace's joint density
+def refuse_latents_drawn_given_auxiliaries(trace) -> None:
+    """Refuse a hierarchical guide: latents drawn at random given auxiliary draws.
+
+    With auxiliary sites, q(z) is the marginal over them. The trace's joint density
     q(aux) q(z | aux) gives it only where every latent is a point mass given them (Pyro's
-    autoguides hand each latent its piece of one vector so). A latent drawn at random
-    given an auxiliary draw, a hierarchical guide, would need a reverse model r(aux | z):
-    without one its weights are biased upwards (log p(x) and the ELBO too high)."""
+    autoguides hand each latent its piece of one vector so). Otherwise log q(aux, z) =
+    log q(z) + log q(aux | z), and without a reverse model r(aux | z) every quantity built
+    on it is off by the entropy of q(aux | z): importance weights, log p(x) and the ELBO
+    read too high, and SVI maximizes that entropy (an ELBO above log p(x))."""
     auxiliary = sorted(name for name, site in trace.nodes.items()
                        if site["type"] == "sample" and site["infer"].get("is_auxiliary"))
     drawn = sorted(name for name, site in trace.nodes.items()
@@ -297,9 +300,10 @@ def _refuse_latents_drawn_given_auxiliaries(trace) -> None:
         raise ValueError(
             f"the guide draws its latent sites {drawn} at random alongside the auxiliary sites "
             f"{auxiliary}: q of the latents is then the marginal over the auxiliary draws, "
-            "which the guide's joint density does not give, so importance weights would be "
-            "biased; draw the latents directly, or make each a point mass (dist.Delta) of "
-            "the auxiliary draws with its log-Jacobian (Delta's log_density or pyro.factor)"
+            "which the guide's joint density does not give, so the ELBO (and SVI's objective), "
+            "importance weights and log p(x) would all be biased upwards; draw the latents "
+            "directly, or make each a point mass (dist.Delta) of the auxiliary draws with its "
+            "log-Jacobian (Delta's log_density or pyro.factor)"
         )
 
 

@@ -31,7 +31,12 @@ from ppl_vae.objectives import LR_SCHEDULES, Warmup, loss_of, lr_factor, make_op
 from ppl_vae.programs import PyroProgram, as_programs
 from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
 from ppl_vae.settings import frozen, module_local
-from ppl_vae.structure import check_guide_covers, check_observed, check_supports
+from ppl_vae.structure import (
+    check_guide_covers,
+    check_observed,
+    check_supports,
+    refuse_latents_drawn_given_auxiliaries,
+)
 from ppl_vae.traced import RECORD_GRADIENTS_FROM_STEPS, TracedLoss
 from ppl_vae.validation import as_data, one_of, positive_int, positive_number
 
@@ -154,7 +159,9 @@ def fit(
     first = torch.zeros(1, dtype=torch.long, device=x.device)
     probe = x[:1].round() if binarize else x[:1]
     check_observed(model, probe, first, num_data)
-    check_guide_covers(model, guide, probe, first, num_data)
+    # SVI's objective takes the guide's joint density as q, as the estimators do.
+    refuse_latents_drawn_given_auxiliaries(
+        check_guide_covers(model, guide, probe, first, num_data))
     check_supports(model, guide, probe, first, num_data)
     if gradient != "reparam":
         check_reparameterized(gradient, model, guide, probe, first, num_data)

@@ -236,6 +236,40 @@ def test_a_latent_drawn_at_random_given_an_auxiliary_draw_is_refused_as_a_propos
             estimate(model, guide, X, 10, seed=0)
 
 
+def test_fit_refuses_a_hierarchical_guide_whose_objective_passes_log_p_x():
+    # z ~ N(0, 1), x | z ~ N(z, 1): log p(x) = log N(x; 0, 2) in closed form. The guide
+    # draws a ~ N(0, s) auxiliary, z | a ~ N(x / 2 + a, 0.7): SVI on the joint density
+    # gains the entropy of q(a | z) and widens s without end. Plain Pyro SVI shows the
+    # objective climbing past log p(x); fit had trained on it and reported it.
+    g = torch.Generator().manual_seed(3)
+    x = 1.5 * torch.randn(20, 1, generator=g)
+    exact = float(dist.Normal(0.0, 2.0**0.5).log_prob(x).mean())
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z[..., None], 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        s = pyro.param("aux_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Normal(0.0, s).expand([x.shape[0]]),
+                            infer={"is_auxiliary": True})
+            pyro.sample("z", dist.Normal(x[..., 0] / 2 + a, 0.7))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    for _ in range(300):
+        svi.step(x)
+    objective = -sum(pyro.infer.Trace_ELBO(num_particles=200, vectorize_particles=True)
+                     .loss(model, guide, x) for _ in range(5)) / 5 / len(x)
+    assert objective > exact + 0.3  # Pyro's own objective, well above log p(x)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"latent sites \['z'\] at random alongside"):
+        ppl_vae.fit(model, guide, x, num_steps=3, seed=0, progress=False)
+
+
 def test_a_scale_of_the_model_s_own_is_refused_by_the_estimators():
     # A tempered likelihood (poutine.scale 0.5) had been scored unscaled: -5.55 where the
     # tempered model's log p(x) is -3.76. fit still trains with it, as Pyro's SVI does.
