@@ -8,6 +8,7 @@ a ratio in ``benchmarks/results/speed.json`` compares two computations of one th
 import copy
 import json
 import math
+import sys
 
 import pyro
 import pytest
@@ -225,3 +226,14 @@ def test_a_run_records_its_device_and_its_threads(tmp_path):
     assert "CPUs" in speed.table({"meta": meta, "items": {}})
     gpu = {**meta, "mode": "quick_cuda", "device": "cuda", "device_name": "NVIDIA H100"}
     assert "on NVIDIA H100" in speed.table({"meta": gpu, "items": {}})
+
+
+def test_the_ppca_item_runs_without_scikit_learn(monkeypatch):
+    # The GPU machine may lack scikit-learn: same-shaped stand-in data, named in the item.
+    x, name = speed.wine()
+    assert name == "wine" and x.shape == (178, 13)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # the import then fails
+    stand_in, name = speed.wine()
+    assert stand_in.shape == (178, 13) and "no scikit-learn" in name
+    item = dict(speed.items(TOY))["log_marginal/ppca"](TOY, 1e10)
+    assert item["data"] == name and item["ratio"] > 0
