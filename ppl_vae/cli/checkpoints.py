@@ -48,11 +48,11 @@ def config_of(state: dict, path) -> RunConfig:
     return cfg
 
 
-def rebuild(cfg: RunConfig, state: dict, path):
-    """Model and guide of ``cfg`` with the checkpoint's parameters."""
+def rebuild(cfg: RunConfig, state: dict, path, device="cpu"):
+    """Model and guide of ``cfg`` with the checkpoint's parameters, on ``device``."""
     model, guide = build_model(cfg), build_guide(cfg)
     checkpoint.load_state(model, state["model"], "model", path)
     checkpoint.load_state(guide, state["guide"], "guide", path)
-    return model, guide
+    return model.to(device), guide.to(device)
 
 

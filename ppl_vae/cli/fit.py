@@ -25,7 +25,7 @@ def _fit(p: Plan, args) -> dict:
     evaluate_only = p.state is not None and not resume  # evaluate a saved model
     x_train, x = load_data(p, args, training=not evaluate_only)
     if evaluate_only:
-        model, guide = rebuild(p.cfg, p.state, p.source)
+        model, guide = rebuild(p.cfg, p.state, p.source, p.device)
         cfg, seconds = p.cfg, 0.0
         if writer():
             save_checkpoint(p.out / "checkpoint.pt", model, guide, cfg)
@@ -33,7 +33,7 @@ def _fit(p: Plan, args) -> dict:
         model, guide, cfg, seconds = training.train(
             p.cfg, args.data_root, progress=not args.quiet,
             checkpoint_path=p.out / "checkpoint.pt", checkpoint_every=args.checkpoint_every,
-            resume=resume, x=x_train)
+            resume=resume, x=x_train, device=p.device)
     num_samples = args.num_samples or NUM_SAMPLES
     d = ppl_vae.diagnostics(model, guide, x, num_samples, seed=cfg.seed)
     summary = {"train_seconds": round(seconds, 2), "test_points": len(x), **d.summary()}

@@ -24,10 +24,10 @@ def cmd_gaps(args) -> dict:
 def _gaps(p: Plan, args, start: float) -> dict:
     x_train, x = load_data(p, args, training=p.state is None)
     if p.state is not None:
-        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source), p.cfg, 0.0
+        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source, p.device), p.cfg, 0.0
     else:
         model, guide, cfg, seconds = training.train(p.cfg, args.data_root, progress=not args.quiet,
-                                           x=x_train)
+                                                    x=x_train, device=p.device)
     report = ppl_vae.gaps(model, guide, x, local=args.local,
                           num_samples=args.num_samples or NUM_SAMPLES, seed=cfg.seed,
                           log_px=args.log_px, ais_steps=args.ais_steps or AIS_STEPS,

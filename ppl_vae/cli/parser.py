@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default=None, help="start from a saved checkpoint")
         p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT[name]})")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--device", default="cpu",
+                       help="where the model, guide and data live: cpu (default), cuda or "
+                       "cuda:N; checkpoints are read on any device")
         if name == "gaps":
             p.add_argument("--local", choices=("diag", "full", "flow"), default=None,
                            help="family of the per-datapoint guides (default: the encoder's)")

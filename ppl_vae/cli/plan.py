@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,11 +26,13 @@ class Plan:
     out: Path
     state: dict | None = None  # a loaded checkpoint (--checkpoint or --resume)
     source: Path | None = None  # its file
+    device: torch.device = torch.device("cpu")
 
 
 def plan(args) -> Plan:
     """Resolve the configuration and check every argument and the output folder."""
     _check_eval_flags(args)
+    device = checked_device(args.device)
     resume = getattr(args, "resume", None)
     if resume is not None and args.checkpoint is not None:
         raise ValueError("give --resume DIR or --checkpoint FILE, not both")
@@ -49,7 +52,31 @@ def plan(args) -> Plan:
     _check_evaluation(args, cfg)
     out = Path(resume if resume is not None else args.out or DEFAULT_OUT[args.command])
     check_writable(out)
-    return Plan(cfg, out, state, None if source is None else Path(source))
+    return Plan(cfg, out, state, None if source is None else Path(source), device)
+
+
+def checked_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, refused where it cannot run: not cpu or cuda[:N],
+    no such GPU, or CUDA under torchrun (the command's process group is gloo, which
+    gathers CPU tensors)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device takes cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA "
+                         "devices (cuda:0 ...)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--device {name} under torchrun: the command's processes share "
+                         "their results through gloo on the CPU; run one process with "
+                         f"--device {name}, or several on the CPU")
+    return device
 
 
 def _check_evaluation(args, cfg: RunConfig) -> None:
@@ -110,6 +137,6 @@ def load_data(p: Plan, args, training: bool) -> tuple[torch.Tensor | None, torch
     if x_test.shape[1] != width:
         raise ValueError(f"the {p.cfg.dataset} test split has {x_test.shape[1]} columns but "
                          f"the model is for {width}: check the data files (--data-root)")
-    return x_train, x_test
+    return (None if x_train is None else x_train.to(p.device)), x_test.to(p.device)
 
 

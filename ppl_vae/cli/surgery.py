@@ -28,10 +28,11 @@ def cmd_surgery(args) -> dict:
         raise ValueError("surgery needs an encoder with a density; --guide delta is a point "
                          "mass (use mlp, linear or linear-full)")
     if p.state is not None:
-        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source), p.cfg, 0.0
+        (model, guide), cfg, seconds = rebuild(p.cfg, p.state, p.source, p.device), p.cfg, 0.0
     else:
-        model, guide, cfg, seconds = training.train(p.cfg, args.data_root, progress=not args.quiet)
-    x = training.load_split(cfg, "test", args.data_root, limit=args.eval_limit)
+        model, guide, cfg, seconds = training.train(p.cfg, args.data_root, progress=not args.quiet,
+                                                    device=p.device)
+    x = training.load_split(cfg, "test", args.data_root, limit=args.eval_limit).to(p.device)
     report = surgery_table(model, guide, x, cfg, p.out, args.num_samples or SURGERY_SAMPLES,
                             threshold)
     if writer():

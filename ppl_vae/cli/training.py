@@ -24,18 +24,21 @@ def load_split(cfg: RunConfig, split: str, root, limit=None, training=False) -> 
 
 
 def train(cfg: RunConfig, root, progress: bool = True, *, checkpoint_path=None,
-          checkpoint_every=None, resume=False, x=None):
+          checkpoint_every=None, resume=False, x=None, device="cpu"):
     """Build, fit and return ``(model, guide, cfg, seconds)`` for a configuration.
 
     With ``checkpoint_path`` the whole training state (and ``cfg``, under ``"config"``)
     is saved there every ``checkpoint_every`` steps, at the end and on SIGINT/SIGTERM;
     ``resume`` continues from it. ``x``: the training split, when already loaded.
+    The model, guide and data live on ``device``; the networks are initialized on the
+    CPU first, so a seed gives the same starting weights on every device.
     """
     if x is None:
         x = load_split(cfg, "train", root, training=True)
+    x = x.to(device)
     cfg = RunConfig(**{**asdict(cfg), "data_dim": x.shape[1]})
     torch.manual_seed(cfg.seed)
-    model, guide = build_model(cfg), build_guide(cfg)
+    model, guide = build_model(cfg).to(device), build_guide(cfg).to(device)
     extra = {"config": asdict(cfg)} if checkpoint_path is not None else None
     start = time.perf_counter()
     ppl_vae.fit(model, guide, x, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,

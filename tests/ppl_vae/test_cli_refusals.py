@@ -55,6 +55,46 @@ def test_gaps_with_exact_log_px_on_the_vae_is_refused_before_training(tmp_path, 
                       "--log-px exact", "--model vae")
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("tpu", "--device takes cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda:", "--device takes cpu, cuda or cuda:N"),
+])
+def test_a_device_that_is_no_device_is_refused_before_training(tmp_path, capsys, no_training,
+                                                               device, expected):
+    fails_in_one_line(["gaps", *TINY, "--device", device, "--out", str(tmp_path)], capsys,
+                      expected)
+
+
+def test_cuda_without_a_gpu_is_refused_before_training(tmp_path, capsys, no_training,
+                                                       monkeypatch):
+    monkeypatch.setattr(cli.plan.torch.cuda, "is_available", lambda: False)
+    for command in ("gaps", "fit", "surgery"):
+        fails_in_one_line([command, *TINY, "--device", "cuda", "--out", str(tmp_path)],
+                          capsys, "--device cuda: torch sees no CUDA device here")
+
+
+def test_cuda_under_torchrun_is_refused_before_training(tmp_path, capsys, no_training,
+                                                        monkeypatch):
+    monkeypatch.setattr(cli.plan.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli.plan.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    fails_in_one_line(["fit", *TINY, "--device", "cuda:1", "--out", str(tmp_path)], capsys,
+                      "there are 1 CUDA devices")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli.entry.dist, "is_initialized", lambda: True)  # no real group
+    fails_in_one_line(["fit", *TINY, "--device", "cuda", "--out", str(tmp_path)], capsys,
+                      "under torchrun", "gloo")
+
+
+def test_device_cpu_is_the_default_run(tmp_path):
+    given = cli.run(["fit", *TINY, "--device", "cpu", "--out", str(tmp_path / "a")])
+    default = cli.run(["fit", *TINY, "--out", str(tmp_path / "b")])
+    same = [key for key in default if key != "train_seconds"]
+    assert len(same) > 5
+    for key in same:  # equal numbers (NaN where both are NaN)
+        assert np.array_equal(given[key], default[key], equal_nan=True), key
+
+
 def test_exact_log_px_on_a_linear_gaussian_model_is_accepted(tmp_path):
     report = cli.run(["gaps", *TINY, "--model", "ppca", "--guide", "linear", "--log-px",
                       "exact", "--out", str(tmp_path)])

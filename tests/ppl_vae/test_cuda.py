@@ -123,3 +123,46 @@ def test_diagnostics_are_all_on_the_gpu(ppca_truth):
     model, x = model.to(CUDA), x[:40].to(CUDA)
     report = ppl_vae.diagnostics(model, LinearEncoder(10, 2).double().to(CUDA), x, 50, seed=0)
     assert {report.khat.device.type, report.ess.device.type} == {"cuda"}
+
+
+def _small_mnist(root):
+    """100 training and 20 test images of 6x6 pixels in MNIST's IDX files (the device
+    machine may lack scikit-learn, which the embedded digits need)."""
+    import gzip
+
+    import numpy as np
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 100), ("t10k", 20)):
+        images = rng.integers(0, 256, size=(n, 6, 6)).astype(np.uint8)
+        header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header
+                                                                            + images.tobytes()))
+    return root
+
+
+def test_the_command_runs_on_the_gpu_and_its_checkpoint_reads_on_the_cpu(tmp_path,
+                                                                          monkeypatch):
+    from ppl_vae import cli
+
+    monkeypatch.delenv("PPL_VAE_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = ["--dataset", "mnist", "--data-root", str(_small_mnist(tmp_path / "data"))]
+    tiny = [*data, "--latent-dim", "2", "--hidden", "16", "--epochs", "2", "--num-samples",
+            "50", "--eval-limit", "20", "--quiet"]
+    gpu = cli.run(["gaps", *tiny, "--device", "cuda", "--out", str(tmp_path / "gpu")])
+    cpu = cli.run(["gaps", *tiny, "--out", str(tmp_path / "cpu")])
+    # The same starting weights (built on the CPU), data and seed: the two runs differ
+    # only by the devices' roundings, after 2 epochs and the local fits.
+    for key in ("log_px", "elbo_local", "elbo_amortized"):
+        assert abs(gpu[key] - cpu[key]) < 0.05, (key, gpu[key], cpu[key])
+    fit = cli.run(["fit", *tiny, "--device", "cuda", "--out", str(tmp_path / "fit")])
+    assert fit["elbo"] == fit["elbo"]  # not NaN
+    saved = ["--checkpoint", str(tmp_path / "fit" / "checkpoint.pt"), *data, "--num-samples",
+             "50", "--eval-limit", "20", "--quiet"]
+    reread = cli.run(["fit", *saved, "--out", str(tmp_path / "reread")])  # on the CPU
+    assert abs(reread["elbo"] - fit["elbo"]) < 0.05
+    surgery = cli.run(["surgery", *saved[:6], "--eval-limit", "20", "--quiet", "--device",
+                       "cuda", "--out", str(tmp_path / "surgery")])
+    assert surgery["elbo"] == surgery["elbo"]
