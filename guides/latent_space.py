@@ -14,6 +14,7 @@ space. Nothing here evaluates a model's density; that stays with the model.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -92,8 +93,10 @@ class LatentSpace:
         ------
         ValueError
             When a latent site is outside the ``"data"`` plate, has batch dims other
-            than that plate's (an event dim not declared with ``.to_event``), or has a
-            discrete support; or when the model has no latent site at all.
+            than that plate's (an event dim not declared with ``.to_event``), has a
+            discrete support, or a support that differs between the rows of ``x``
+            (:func:`~ppl_vae.guides.latent_space.refuse_supports_varying_by_row`); or when the model has no latent
+            site at all.
         """
         first = None if idx is None else idx[:1]
         try:
@@ -101,7 +104,9 @@ class LatentSpace:
                 trace = poutine.trace(model).get_trace(x[:1], first, num_data)
         except (ValueError, RuntimeError) as error:
             raise ValueError(fails_on_one_row(model, error)) from error
-        return cls.of_trace(model, trace)
+        space = cls.of_trace(model, trace)
+        refuse_supports_varying_by_row(model, space, x, idx, num_data)
+        return space
 
     @classmethod
     def of_trace(cls, model, trace):
@@ -218,7 +223,69 @@ def _latent_site(name: str, site: dict) -> LatentSite:
             f"latent site {name!r} has a discrete support ({support}): the library's "
             "estimators, local guides and AIS need continuous latents"
         )
-    return LatentSite(name, torch.Size(fn.event_shape), support)
+    return LatentSite(name, torch.Size(fn.event_shape), one_row_support(support, fn.event_shape))
+
+
+def one_row_support(support: constraints.Constraint, event_shape) -> constraints.Constraint:
+    """``support`` with each tensor parameter (an interval's bounds) cut to the event's
+    dims. Inside the data plate a site's distribution is expanded to the trace's one
+    row, and so are its bounds: ``Uniform(0, 2)`` has bounds of shape (1,), and a
+    transform built on them would give every value an extra dim. The cut is a squeeze
+    of size-1 dims: whether the bounds differ between rows is checked on every row by
+    :func:`refuse_supports_varying_by_row`."""
+    if isinstance(support, constraints.independent):
+        base = one_row_support(support.base_constraint, event_shape)
+        if base is support.base_constraint:
+            return support
+        return constraints.independent(base, support.reinterpreted_batch_ndims)
+    keep = len(event_shape)
+    cut = {name: value.reshape(value.shape[value.dim() - keep:])
+           for name, value in tensor_parameters(support).items() if value.dim() > keep}
+    if not cut:
+        return support
+    reduced = copy.copy(support)
+    vars(reduced).update(cut)
+    return reduced
+
+
+def refuse_supports_varying_by_row(model, space: LatentSpace, x: Tensor, idx=None,
+                                   num_data=None) -> None:
+    """Refuse a latent whose support differs between the rows of ``x`` (``Uniform(0,
+    x_n)``): a latent space maps every row through one transform, the first row's, as
+    AIS, the local fits and an autoguide's per-datapoint view do. Only a support with
+    tensor parameters needs the model's trace on every row."""
+    bounded = [site.name for site in space.sites if tensor_parameters(site.support)]
+    if not bounded or len(x) < 2:
+        return
+    with torch.no_grad(), pyro.validation_enabled(False):
+        every_row = poutine.trace(model).get_trace(x, idx, num_data)
+    for name in bounded:
+        fn = every_row.nodes[name]["fn"]
+        row_dim = 1 + len(fn.event_shape)  # the data plate's dim, from the right
+        for bound, value in tensor_parameters(fn.support).items():
+            if value.dim() >= row_dim and not bool((value == value.narrow(-row_dim, 0, 1)).all()):
+                raise ValueError(
+                    f"the support of latent site {name!r} ({_named(fn.support)}) differs "
+                    f"between datapoints (its {bound} depends on the row): the library maps "
+                    "every row through one transform of the support (in AIS, the local "
+                    "fits, an autoguide read per datapoint), so it would use the first "
+                    "row's for all. Give the latent a support that is the same for every "
+                    "row (e.g. sample u in (0, 1) and use z = u * bound(x) in the model)"
+                )
+
+
+def _named(support) -> str:
+    """A constraint's name without its tensors (an interval's bounds may be long)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return type(support).__name__.lstrip("_")
+
+
+def tensor_parameters(support: constraints.Constraint) -> dict[str, Tensor]:
+    """A constraint's tensor attributes (an interval's bounds), through ``independent``."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return {name: value for name, value in vars(support).items() if isinstance(value, Tensor)}
 
 
 def _sum_to(value: Tensor, batch: torch.Size) -> Tensor:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ppl_vae.block_noise import BlockNoise, Group, gaussian_latents, group_size, groups
 from ppl_vae.densities import log_density, refuse_nan
 from ppl_vae.distributed import gathered, my_share
-from ppl_vae.programs import as_programs
+from ppl_vae.programs import as_programs, required_guide
 from ppl_vae.seeding import ROW_BLOCK, base_seed, blocks, caller_rng_kept, check_seed, seed_torch
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_guide, check_rows, check_structure
@@ -301,6 +301,8 @@ class Job:
         x = as_data(x, model)
         num_samples = positive_int(num_samples, "num_samples")
         one_of(proposal, PROPOSALS, "proposal")
+        if proposal == "guide":
+            required_guide(guide, ", or proposal='prior' to weight draws from the prior")
         seed = check_seed(seed)
         idx, num_data = check_rows(x, idx, num_data)
         model, guide = as_programs(model, guide if proposal == "guide" else None, x,

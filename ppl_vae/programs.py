@@ -78,10 +78,11 @@ def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
     then the model's structure (``structure.check_structure``) and the guide as a
     proposal (``structure.check_guide``), in that order, so the engine below trusts both.
     """
+    required_guide(guide)
     with caller_rng_kept(_converts(model, guide)):
         model = as_model(model, x, plate=plate)
         guide = as_guide(guide, model, x)
-    space = check_structure(model, x)
+    space = check_structure(model, x, shared_supports=True)
     check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
     return model, guide, space
 
@@ -177,6 +178,14 @@ class DataPlate(Messenger):
                 return
 
     def _hand_rows(self, msg) -> None:
+        own = msg["fn"]
+        if own.subsample_size is not None and own.subsample_size != own.size:
+            raise ValueError(
+                f"the plate {self.name!r} subsamples itself (subsample_size="
+                f"{own.subsample_size}): the library picks the rows of each "
+                "call (fit's batch_size=; the estimators score every row they are given), "
+                "so drop subsample_size= from the model and the guide"
+            )
         if msg["value"] is None:
             msg["value"] = marked(self.idx)
         msg["name"] = DATA_PLATE
@@ -234,7 +243,7 @@ class PyroProgram(nn.Module):
             idx = torch.arange(len(x), device=x.device)
         num_data = num_data or len(x)
         with DataPlate(self.plate, num_data, idx), self._linked(), _quiet(), \
-                _autoguide_plates(self.fn, self.plate, num_data, idx):
+                _autoguide_plates(self.fn, self.plate, num_data, idx), _deterministic_hidden():
             if self._takes_rows:
                 return self.fn(x, idx=idx, num_data=num_data)
             return self.fn(x)
@@ -309,6 +318,17 @@ def _signature_parameters(function):
         return None
 
 
+def required_guide(guide, hint: str = ""):
+    """``guide``, refused when None: a call that needs one would otherwise fail deep
+    inside Pyro's tracing. ``hint`` says what the caller may pass instead."""
+    if guide is None:
+        raise ValueError(
+            "guide is None: this call needs a guide, a Pyro program that draws the model's "
+            f"latents (an encoder, an autoguide, a guide function){hint}"
+        )
+    return guide
+
+
 def _check_callable(program, role: str) -> None:
     if not callable(program):
         raise ValueError(f"{role} must be {_EXPECTED}; got {type(program).__name__}")
@@ -350,10 +370,23 @@ def _hint(error: Exception) -> str:
     return ""
 
 
+def is_deterministic(msg) -> bool:
+    """A ``pyro.deterministic`` record: an observed, masked Delta that scores nothing."""
+    return msg["type"] == "sample" and bool(msg["infer"].get("_deterministic"))
+
+
+def _deterministic_hidden():
+    """Hide a program's ``pyro.deterministic`` records from the engine: to Pyro they are
+    observed sites, which the checks would refuse as data outside the plate. Innermost
+    in forward, so no handler of the engine's sees them; the program still gets the value.
+    A fresh handler per call: one instance cannot be entered twice (nested programs)."""
+    return poutine.block(hide_fn=is_deterministic)
+
+
 def _data_plate(trace, num_rows: int, wanted: str | None) -> str:
     """The plate around the observed sites whose size is the number of rows."""
     observed = [site for site in trace.nodes.values()
-                if site["type"] == "sample" and site["is_observed"]]
+                if site["type"] == "sample" and site["is_observed"] and not is_deterministic(site)]
     if not observed:
         raise ValueError("the model has no observed sample site (obs=...): there is no data "
                          "to score")
@@ -387,7 +420,7 @@ def _data_plate(trace, num_rows: int, wanted: str | None) -> str:
 def _check_observed(trace, plate: str) -> None:
     """Refuse data that an observed site gives no density (it would score nonsense)."""
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
+        if site["type"] != "sample" or not site["is_observed"] or is_deterministic(site):
             continue
         if plate not in {frame.name for frame in site["cond_indep_stack"]}:
             raise ValueError(f"observed site {name!r} is outside the data plate {plate!r}")

@@ -18,7 +18,7 @@ from ppl_vae.estimators import (
 from ppl_vae.gaps import evaluation_seed
 from ppl_vae.local_fit import initial_local, local_family
 from ppl_vae.objectives import make_optimizer
-from ppl_vae.programs import as_programs
+from ppl_vae.programs import as_programs, required_guide
 from ppl_vae.row_convergence import (
     LR_DECAY,
     LR_DECAYS,
@@ -113,9 +113,10 @@ def refine(
     -------
     RefinementCurve
     """
+    required_guide(guide)
     x = as_data(x, model)
     model, guide = as_programs(model, guide, x, plate=plate)
-    check_structure(model, x)
+    check_structure(model, x, shared_supports=True)
     steps = positive_int(steps, "steps")
     schedule = None if tol is None else _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     num_samples = positive_int(num_samples, "num_samples")

@@ -16,7 +16,12 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import constraints
 
-from ppl_vae.guides.latent_space import LatentSpace, fails_on_one_row, is_latent_site
+from ppl_vae.guides.latent_space import (
+    LatentSpace,
+    fails_on_one_row,
+    is_latent_site,
+    refuse_supports_varying_by_row,
+)
 from ppl_vae.row_coupling import refuse_coupled_rows
 from ppl_vae.validation import positive_int
 
@@ -44,7 +49,7 @@ def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
 
 
 def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, *,
-                    data_dtype: bool = False) -> LatentSpace:
+                    data_dtype: bool = False, shared_supports: bool = False) -> LatentSpace:
     """Check, on one cheap trace, what per-datapoint estimates need of a model.
 
     Every latent site must live in the ``"data"`` plate (a global latent couples the
@@ -54,7 +59,9 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
 
     With ``data_dtype`` (for work that draws latents from the model's prior and holds
     them in the data's dtype: AIS, local fits), the model's latents must also be drawn
-    in the dtype of x.
+    in the dtype of x. With ``shared_supports`` (work in the unconstrained space, where
+    one transform per site serves every row: AIS, local fits), no latent's support may
+    differ between the rows of x.
 
     Returns
     -------
@@ -73,6 +80,8 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
     _refuse_scaled_sites(trace, float(num_data or 1))
     if data_dtype:
         _refuse_other_dtypes(trace, x.dtype)
+    if shared_supports:
+        refuse_supports_varying_by_row(model, space, x, idx, num_data)
     refuse_coupled_rows(model, "model", x, idx, num_data or len(x))
     return space
 
@@ -326,3 +335,4 @@ def is_point_mass(fn) -> bool:
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)
+

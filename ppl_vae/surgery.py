@@ -47,6 +47,7 @@ from ppl_vae.densities import log_density
 from ppl_vae.distributed import gathered
 from ppl_vae.estimators import Job, mean_se
 from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.programs import required_guide
 from ppl_vae.seeding import caller_rng_kept
 from ppl_vae.settings import module_local
 from ppl_vae.structure import check_structure, is_point_mass
@@ -110,6 +111,7 @@ def elbo_surgery(
     """
     threshold = positive_number(threshold, "threshold")
     chunk_size = positive_int(chunk_size, "chunk_size")
+    required_guide(guide)  # before Job's refusal, whose hint (proposal='prior') is not ours
     job = Job.checked(model, guide, x, num_samples, "guide", idx, num_data, seed, plate,
                       progress=False)
     with caller_rng_kept():

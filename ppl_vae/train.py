@@ -28,7 +28,7 @@ from ppl_vae.gradients import check_gradient, check_reparameterized, estimator
 from ppl_vae.interrupts import Interrupted, Signals
 from ppl_vae.models.distributions import binary_check_may_be_frozen
 from ppl_vae.objectives import LR_SCHEDULES, Warmup, loss_of, lr_factor, make_optimizer
-from ppl_vae.programs import PyroProgram, as_programs
+from ppl_vae.programs import PyroProgram, as_programs, required_guide
 from ppl_vae.seeding import check_seed, rng_state, seed_everything, set_rng_state
 from ppl_vae.settings import frozen, module_local
 from ppl_vae.structure import (
@@ -147,6 +147,7 @@ def fit(
     if clip_norm is not None:
         clip_norm = positive_number(clip_norm, "clip_norm")
     seed = check_seed(seed)
+    required_guide(guide)
     x = _validated_data(x, model, binarize)
     num_data = len(x)
     # Dynamic binarization draws each minibatch; its rounding stands for them here.

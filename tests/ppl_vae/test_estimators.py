@@ -245,9 +245,14 @@ def test_missing_event_dims_are_refused_before_any_work():
         ppl_vae.log_marginal(_NoEventDims(), None, torch.zeros(10, 10), 5, proposal="prior")
 
 
+def _local_z_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 10), 1.0).to_event(1))
+
+
 def test_global_latent_is_refused_by_gaps_before_fitting():
     with pytest.raises(ValueError, match="outside the 'data' plate"):
-        ppl_vae.gaps(_GlobalLatentModel(), None, torch.zeros(3, 10), local="diag")
+        ppl_vae.gaps(_GlobalLatentModel(), _local_z_guide, torch.zeros(3, 10), local="diag")
 
 
 def test_exact_posterior_weights_are_not_flagged_by_khat(mle):

@@ -311,8 +311,12 @@ def test_refusals_for_pyro_programs(clean_store):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("obs", dist.Normal(z[..., None].expand(x.shape), 1.0), obs=x)
 
+    def z_guide(x):
+        with pyro.plate("N", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
     with pytest.raises(ValueError, match=r"to_event"):
-        ppl_vae.fit(no_event, None, x, num_steps=1, progress=False)
+        ppl_vae.fit(no_event, z_guide, x, num_steps=1, progress=False)
 
     def half_guide(x):
         with pyro.plate("N", x.shape[0]):

@@ -42,6 +42,32 @@ def test_a_guide_missing_a_latent_is_refused_by_every_estimator():
             estimator(TwoLatents(), OnlyA(), x, 10)
 
 
+@pytest.mark.parametrize("call", [
+    lambda x: ppl_vae.fit(TwoLatents(), None, x, num_steps=2, progress=False),
+    lambda x: ppl_vae.log_marginal(TwoLatents(), None, x, 10),
+    lambda x: ppl_vae.elbo(TwoLatents(), None, x, 10),
+    lambda x: ppl_vae.elbo_surgery(TwoLatents(), None, x),
+    lambda x: ppl_vae.gaps(TwoLatents(), None, x, progress=False),
+    lambda x: ppl_vae.refine(TwoLatents(), None, x, steps=2, progress=False),
+], ids=["fit", "log_marginal", "elbo", "elbo_surgery", "gaps", "refine"])
+def test_a_missing_guide_is_refused_in_words(call):
+    # Each had failed inside Pyro: "get_trace() takes 1 positional argument but 4 were given".
+    with pytest.raises(ValueError, match="guide is None: this call needs a guide"):
+        call(torch.randn(5, 1, dtype=torch.float64))
+
+
+def test_a_missing_guide_points_the_estimators_to_the_prior_proposal():
+    x = torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="or proposal='prior'"):
+        ppl_vae.log_weights(TwoLatents(), None, x, 10)
+    exact = torch.distributions.Normal(0.0, 5.25 ** 0.5).log_prob(x[:, 0])
+    lw = ppl_vae.log_weights(TwoLatents(), None, x, 4000, proposal="prior", seed=0)
+    w = (lw - lw.max(0).values).exp()
+    se = w.std(0) / (math.sqrt(len(w)) * w.mean(0))  # delta method for log mean w
+    estimate = ppl_vae.log_marginal(TwoLatents(), None, x, 4000, proposal="prior", seed=0)
+    assert (estimate - exact).abs().max() < 4 * se.max()
+
+
 class ExtraSite(PyroModule):
     def forward(self, x, idx=None, num_data=None):
         with data_plate(x, idx, num_data):
