@@ -60,10 +60,7 @@ class LatentSite:
     @property
     def is_real(self) -> bool:
         """True when the support is all of R^n (the transform is the identity)."""
-        base = self.support
-        while isinstance(base, constraints.independent):
-            base = base.base_constraint
-        return base is constraints.real
+        return base_support(self.support) is constraints.real
 
 
 @dataclass(frozen=True)
@@ -95,8 +92,8 @@ class LatentSpace:
             When a latent site is outside the ``"data"`` plate, has batch dims other
             than that plate's (an event dim not declared with ``.to_event``), has a
             discrete support, or a support that differs between the rows of ``x``
-            (:func:`~ppl_vae.guides.latent_space.refuse_supports_varying_by_row`); or when the model has no latent
-            site at all.
+            (:func:`~ppl_vae.guides.latent_space.refuse_supports_varying_by_row`); or
+            when the model has no latent site at all.
         """
         first = None if idx is None else idx[:1]
         try:
@@ -276,16 +273,20 @@ def refuse_supports_varying_by_row(model, space: LatentSpace, x: Tensor, idx=Non
 
 def _named(support) -> str:
     """A constraint's name without its tensors (an interval's bounds may be long)."""
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return type(support).__name__.lstrip("_")
+    return type(base_support(support)).__name__.lstrip("_")
 
 
 def tensor_parameters(support: constraints.Constraint) -> dict[str, Tensor]:
     """A constraint's tensor attributes (an interval's bounds), through ``independent``."""
+    return {name: value for name, value in vars(base_support(support)).items()
+            if isinstance(value, Tensor)}
+
+
+def base_support(support: constraints.Constraint) -> constraints.Constraint:
+    """The elementwise constraint inside any ``independent`` wrappers."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return {name: value for name, value in vars(support).items() if isinstance(value, Tensor)}
+    return support
 
 
 def _sum_to(value: Tensor, batch: torch.Size) -> Tensor:

@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import constraints
 
-from ppl_vae.guides.latent_space import LatentSpace
+from ppl_vae.guides.latent_space import LatentSpace, base_support
 
 # Supports that hold every real value: no check needed.
 _ALL_REALS = (constraints.real, constraints.real_vector)
@@ -58,10 +58,7 @@ def _site_log_prob(site) -> Tensor:
 
 def _inside_support(fn, value: Tensor) -> Tensor | None:
     """Where ``value`` lies in the support, or None for a support of all reals."""
-    base = fn.support
-    while isinstance(base, constraints.independent):
-        base = base.base_constraint
-    if base in _ALL_REALS:
+    if base_support(fn.support) in _ALL_REALS:
         return None
     return fn.support.check(value)
 

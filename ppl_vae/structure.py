@@ -18,6 +18,7 @@ from torch.distributions import constraints
 
 from ppl_vae.guides.latent_space import (
     LatentSpace,
+    base_support,
     fails_on_one_row,
     is_latent_site,
     refuse_supports_varying_by_row,
@@ -248,9 +249,7 @@ def check_supports(model, guide, x: Tensor, idx: Tensor, num_data: int) -> None:
 
 
 def _all_reals(support) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
+    return base_support(support) is constraints.real
 
 
 def check_conditionable(guide, x: Tensor, idx: Tensor, num_data: int) -> None:
