@@ -22,9 +22,10 @@ from functools import cached_property
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import SineBivariateVonMises, SineSkewed
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import biject_to, constraints
+from torch.distributions import VonMises, biject_to, constraints
 from torch.distributions.transforms import Transform
 
 DATA_PLATE = "data"
@@ -208,11 +209,14 @@ def _latent_site(name: str, site: dict) -> LatentSite:
     batch_shape = tuple(fn.batch_shape)
     if batch_shape not in ((), (1,)):
         event = tuple(fn.event_shape)
+        nested = [frame.name for frame in site["cond_indep_stack"] if frame.name != DATA_PLATE]
+        inside = f" inside the plates {nested} nested in the data plate" if nested else ""
         raise ValueError(
             f"latent site {name!r} has batch shape {batch_shape} on one datapoint (event "
-            f"shape {event}): every dim of a datapoint's latent must be an event dim; "
+            f"shape {event}){inside}: every dim of a datapoint's latent must be an event dim; "
             f"declare them with .to_event({len(batch_shape)}) "
             f"(e.g. dist.Normal(loc, scale).to_event(1))"
+            + (" in place of the nested plates" if nested else "")
         )
     support = fn.support
     if support.is_discrete:
@@ -220,7 +224,26 @@ def _latent_site(name: str, site: dict) -> LatentSite:
             f"latent site {name!r} has a discrete support ({support}): the library's "
             "estimators, local guides and AIS need continuous latents"
         )
+    if _periodic(fn):
+        raise ValueError(
+            f"latent site {name!r} is {type(_leaf(fn)).__name__}, whose density repeats every "
+            "2 pi along the whole real line (torch declares that line as its support): its "
+            "integral there is infinite, so log p(x) and the ELBO are not defined and a "
+            "proposal wider than one period reads them too high. Give the angle a support "
+            "of one period, e.g. z = pi * (2 * u - 1) with u ~ Beta(a, b) in (0, 1)"
+        )
     return LatentSite(name, torch.Size(fn.event_shape), one_row_support(support, fn.event_shape))
+
+
+def _leaf(fn):
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def _periodic(fn) -> bool:
+    """Whether a site's distribution is an angle's whose density is periodic on R."""
+    return isinstance(_leaf(fn), (VonMises, SineBivariateVonMises, SineSkewed))
 
 
 def one_row_support(support: constraints.Constraint, event_shape) -> constraints.Constraint:

@@ -36,7 +36,10 @@ class RefinementCurve:
     Attributes
     ----------
     steps : ndarray of int, shape (T,)
-        Steps taken when each ELBO was measured; ``steps[0] == 0`` is the encoder.
+        Steps taken when each ELBO was measured; ``steps[0] == 0`` is the starting local
+        guide: the encoder itself for a Gaussian encoder of one site; for any other
+        guide its moment match (from 64 draws per row), whose ELBO differs from the
+        encoder's own (``ppl_vae.elbo``), so ``gap_closed`` counts from that start.
     elbo, elbo_se : ndarray of shape (T,)
         Mean ELBO per datapoint and its Monte Carlo standard error (the datapoints held
         fixed; every measurement uses the same random draws, so the curve's changes are

@@ -338,5 +338,7 @@ def test_obs_mask_is_refused_with_the_way_to_mask_missing_values():
             pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=x,
                         obs_mask=x[:, 0] > -100)  # every row observed; still two sites
 
-    with pytest.raises(ValueError, match=r"come of obs_mask=.*\.mask\(observed\)"):
+    # The model's check comes first: its latent 'obs_unobserved' is masked where observed.
+    with pytest.raises(ValueError, match=r"latent site 'obs_unobserved' \(obs_mask=.*"
+                                         r"\.mask\(present\)"):
         ppl_vae.log_marginal(model, _plain_guide, X, 10, seed=0)
