@@ -92,7 +92,8 @@ class LatentSpace:
         ValueError
             When a latent site is outside the ``"data"`` plate, has batch dims other
             than that plate's (an event dim not declared with ``.to_event``), has a
-            discrete support, or a support that differs between the rows of ``x``
+            discrete or periodic (``VonMises``) support, or a support that differs
+            between the rows of ``x``
             (:func:`~ppl_vae.guides.latent_space.refuse_supports_varying_by_row`); or
             when the model has no latent site at all.
         """
@@ -103,6 +104,7 @@ class LatentSpace:
         except (ValueError, RuntimeError) as error:
             raise ValueError(fails_on_one_row(model, error)) from error
         space = cls.of_trace(model, trace)
+        refuse_periodic_latents(trace, "a guide over the unconstrained latents")
         refuse_supports_varying_by_row(model, space, x, idx, num_data)
         return space
 
@@ -224,14 +226,6 @@ def _latent_site(name: str, site: dict) -> LatentSite:
             f"latent site {name!r} has a discrete support ({support}): the library's "
             "estimators, local guides and AIS need continuous latents"
         )
-    if _periodic(fn):
-        raise ValueError(
-            f"latent site {name!r} is {type(_leaf(fn)).__name__}, whose density repeats every "
-            "2 pi along the whole real line (torch declares that line as its support): its "
-            "integral there is infinite, so log p(x) and the ELBO are not defined and a "
-            "proposal wider than one period reads them too high. Give the angle a support "
-            "of one period, e.g. z = pi * (2 * u - 1) with u ~ Beta(a, b) in (0, 1)"
-        )
     return LatentSite(name, torch.Size(fn.event_shape), one_row_support(support, fn.event_shape))
 
 
@@ -241,9 +235,30 @@ def _leaf(fn):
     return fn
 
 
-def _periodic(fn) -> bool:
-    """Whether a site's distribution is an angle's whose density is periodic on R."""
+def is_periodic(fn) -> bool:
+    """Whether a site's distribution is an angle's (``VonMises`` and kin): torch declares
+    all of R its support, where its density repeats every 2 pi."""
     return isinstance(_leaf(fn), (VonMises, SineBivariateVonMises, SineSkewed))
+
+
+def periodic_latent_message(name: str, fn, where: str) -> str:
+    """Why a periodic latent ``name`` is refused ``where`` (a draw over all of R)."""
+    return (
+        f"latent site {name!r} is {type(_leaf(fn)).__name__}, whose density repeats every 2 "
+        "pi along the whole real line (torch declares that line as its support): over R "
+        f"its integral is infinite, and {where} draws it over all of R, so log p(x) and the "
+        "ELBO would read too high (by the periods the draws cover). Draw the angle from a "
+        "distribution of one period (a VonMises guide), or give it a bounded support, e.g. "
+        "z = pi * (2 * u - 1) with u ~ Beta(a, b)"
+    )
+
+
+def refuse_periodic_latents(trace, where: str) -> None:
+    """Refuse a periodic latent of the model where the library draws it over R (AIS, the
+    local fits and autoguide views work in the unconstrained space R^d)."""
+    for name, site in _latent_nodes(trace):
+        if is_periodic(site["fn"]):
+            raise ValueError(periodic_latent_message(name, site["fn"], where))
 
 
 def one_row_support(support: constraints.Constraint, event_shape) -> constraints.Constraint:

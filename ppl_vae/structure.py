@@ -19,6 +19,9 @@ from ppl_vae.guides.latent_space import (
     base_support,
     fails_on_one_row,
     is_latent_site,
+    is_periodic,
+    periodic_latent_message,
+    refuse_periodic_latents,
     refuse_supports_varying_by_row,
 )
 from ppl_vae.row_coupling import refuse_coupled_rows
@@ -80,6 +83,7 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
     if data_dtype:
         _refuse_other_dtypes(trace, x.dtype)
     if shared_supports:
+        refuse_periodic_latents(trace, "AIS or a local fit (in the unconstrained space)")
         refuse_supports_varying_by_row(model, space, x, idx, num_data)
     refuse_coupled_rows(model, "model", x, idx, num_data or len(x))
     return space
@@ -251,6 +255,12 @@ def check_guide_covers(model, guide, x: Tensor, idx: Tensor, num_data: int):
             "not latent sites of the model: their log q would count with no log p; rename "
             "them to the model's sites or mark them infer={'is_auxiliary': True}"
         )
+    for name in sorted(latents):
+        fn = model_trace.nodes[name]["fn"]
+        drawn_by = guide_trace.nodes[name]["fn"] if name in guide_trace.nodes else None
+        if is_periodic(fn) and drawn_by is not None and not is_periodic(drawn_by):
+            raise ValueError(periodic_latent_message(
+                name, fn, f"the guide ({described(guide)}, {type(drawn_by).__name__})"))
     return guide_trace
 
 

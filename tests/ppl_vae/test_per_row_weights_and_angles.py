@@ -173,12 +173,45 @@ def angle_guide(x):
 
 @pytest.mark.parametrize("estimate", [
     lambda: ppl_vae.log_marginal(angle_model, angle_guide, Y[:, :2], 10, seed=0),
+    lambda: ppl_vae.fit(angle_model, angle_guide, Y[:, :2], num_steps=2, progress=False),
     lambda: ppl_vae.ais(angle_model, Y[:, :2], num_steps=2, num_chains=2, progress=False),
     lambda: ppl_vae.fit_local(angle_model, Y[:, :2], "diag", steps=2, progress=False),
-], ids=["log_marginal", "ais", "fit_local"])
-def test_a_von_mises_latent_is_refused(estimate):
+], ids=["log_marginal", "fit", "ais", "fit_local"])
+def test_a_von_mises_latent_drawn_over_all_of_r_is_refused(estimate):
     with pytest.raises(ValueError, match=r"latent site 'z' is VonMises, whose density repeats"):
         estimate()
+
+
+def angle_quadrature(x):
+    """log p(x_n) by the trapezoid rule over one period of z."""
+    z = torch.linspace(-math.pi, math.pi, 20001, dtype=torch.float64)
+    prior = dist.VonMises(torch.tensor(0.0, dtype=torch.float64), 2.0).log_prob(z)
+    mean = torch.stack([z.cos(), z.sin()], -1)
+    terms = prior[:, None] + dist.Normal(mean[:, None, :], 0.5).log_prob(x).sum(-1)
+    return torch.logsumexp(terms[:-1], 0) + math.log(z[1] - z[0])  # periodic: one end
+
+
+def test_a_von_mises_latent_is_fine_drawn_from_one_period():
+    # The prior, or a VonMises guide: draws of one period, where the weights are right.
+    def circular_guide(x):
+        kappa = pyro.param("kappa", lambda: torch.tensor(3.0, dtype=x.dtype),
+                           constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            angle = torch.atan2(x[:, 1], x[:, 0])
+            pyro.sample("z", dist.VonMises(angle, kappa))
+
+    pyro.clear_param_store()
+
+    x = Y[:6, :2] / Y[:6, :2].norm(dim=-1, keepdim=True)  # data near the unit circle
+    exact = angle_quadrature(x)
+    for guide, proposal in ((None, "prior"), (circular_guide, "guide")):
+        lw = ppl_vae.log_weights(angle_model, guide, x, 20000, proposal=proposal, seed=0)
+        w = (lw - lw.max(0).values).exp()
+        se = w.std(0) / (math.sqrt(len(w)) * w.mean(0))
+        estimate = torch.logsumexp(lw, 0) - math.log(len(lw))
+        assert ((estimate - exact).abs() < 4 * se + 1e-6).all(), proposal
+    ppl_vae.fit(angle_model, circular_guide, x, num_steps=2, progress=False)  # trains
+    pyro.clear_param_store()
 
 
 def test_a_latent_in_a_nested_plate_is_refused_naming_the_plate():
