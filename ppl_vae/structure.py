@@ -83,6 +83,7 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
     if data_dtype:
         _refuse_other_dtypes(trace, x.dtype)
     if shared_supports:
+        _refuse_latents_outside_the_space(trace)
         refuse_periodic_latents(trace, "AIS or a local fit (in the unconstrained space)")
         refuse_supports_varying_by_row(model, space, x, idx, num_data)
     refuse_coupled_rows(model, "model", x, idx, num_data or len(x))
@@ -111,6 +112,30 @@ def _refuse_other_dtypes(trace, dtype: torch.dtype) -> None:
                 f"the model draws its latent site {name!r} in {site['value'].dtype} but x is "
                 f"{dtype}: give the data the model's dtype (x.float() or x.double()), or "
                 "build the model's constants in the data's dtype"
+            )
+
+
+def _refuse_latents_outside_the_space(trace) -> None:
+    """Refuse model latents that AIS and the local fits cannot move: one marked auxiliary
+    (the latent space leaves it out, so it would be redrawn from its prior at every
+    density while scored as data) and a point mass (no density to move on: AIS accepts
+    no move, a local fit's loss is infinite)."""
+    for name, site in trace.nodes.items():
+        if not is_latent_site(site):
+            continue
+        if site["infer"].get("is_auxiliary"):
+            raise ValueError(
+                f"the model marks its latent site {name!r} infer={{'is_auxiliary': True}}: "
+                "the mark is for a guide's draws that the model lacks; in a model every "
+                "sample site is part of the joint, and AIS and the local fits would leave "
+                "it out of the latents (redrawn from its prior, yet scored); remove the mark"
+            )
+        if is_point_mass(site["fn"]):
+            raise ValueError(
+                f"the model draws its latent site {name!r} from a point mass (Delta): there "
+                "is no density for AIS or a local fit to move on; record a function of the "
+                "other latents with pyro.deterministic, or give it a distribution with a "
+                "density"
             )
 
 

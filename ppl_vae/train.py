@@ -56,7 +56,10 @@ class FitResult:
     Attributes
     ----------
     history : ndarray of shape (num_steps,)
-        ELBO per datapoint at each step (the minibatch estimate, in nats).
+        The objective per datapoint at each step (the minibatch estimate, in nats): the
+        ELBO, the IWAE bound with ``objective="iwae"``, and with ``kl_warmup`` the
+        warm-up's objective, whose latent terms are weighted by beta < 1 until the
+        warm-up ends (so it reads above the ELBO there).
     step_seconds : ndarray of shape (num_steps,)
         Wall-clock seconds of each step.
     num_steps : int
@@ -69,7 +72,9 @@ class FitResult:
 
     @property
     def final_elbo(self) -> float:
-        """Mean ELBO per datapoint over the last 10% of steps (smooths minibatch noise)."""
+        """Mean of ``history`` over the last 10% of steps (smooths minibatch noise): the
+        ELBO per datapoint (the IWAE bound with ``objective="iwae"``) once any warm-up
+        has ended."""
         tail = max(1, self.num_steps // 10)
         return float(self.history[-tail:].mean())
 
