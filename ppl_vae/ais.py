@@ -281,8 +281,7 @@ def _checked(model, x, proposal, num_steps, num_chains, leapfrog_steps, step_siz
     # The checks trace the model and the proposal: a seeded call leaves the caller's
     # generators where they were.
     with caller_rng_kept(seed is not None):
-        space = check_structure(model, x, idx, num_data, data_dtype=True,
-                                shared_supports=True)
+        space = check_structure(model, x, idx, num_data, data_dtype=True, unconstrained=True)
         if proposal is not None:
             check_guide(model, proposal, x, idx, num_data)
             check_conditionable(proposal, x, idx, num_data)

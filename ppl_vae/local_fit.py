@@ -95,7 +95,7 @@ def fit_local(
     # The fit seeds torch's generator as fit(seed=) does; a seeded call then leaves the
     # caller's generators where they were, as every seeded estimate does.
     with caller_rng_kept(check_seed(seed) is not None):
-        check_structure(model, x, data_dtype=True, shared_supports=True)
+        check_structure(model, x, data_dtype=True, unconstrained=True)
         return fit_local_trusted(
             model, x, family, init_from=init_from, steps=steps, lr=lr,
             num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,

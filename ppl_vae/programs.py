@@ -82,7 +82,7 @@ def as_checked_programs(model, guide, x: Tensor, *, plate: str | None = None):
     with caller_rng_kept(_converts(model, guide)):
         model = as_model(model, x, plate=plate)
         guide = as_guide(guide, model, x)
-    space = check_structure(model, x, shared_supports=True)
+    space = check_structure(model, x, unconstrained=True)
     check_guide(model, guide, x, torch.arange(len(x), device=x.device), len(x))
     return model, guide, space
 

@@ -119,7 +119,7 @@ def refine(
     required_guide(guide)
     x = as_data(x, model)
     model, guide = as_programs(model, guide, x, plate=plate)
-    check_structure(model, x, shared_supports=True)
+    check_structure(model, x, unconstrained=True)
     steps = positive_int(steps, "steps")
     schedule = None if tol is None else _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     num_samples = positive_int(num_samples, "num_samples")

@@ -51,7 +51,7 @@ def check_rows(x: Tensor, idx, num_data) -> tuple[Tensor, int]:
 
 
 def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, *,
-                    data_dtype: bool = False, shared_supports: bool = False) -> LatentSpace:
+                    data_dtype: bool = False, unconstrained: bool = False) -> LatentSpace:
     """Check, on one cheap trace, what per-datapoint estimates need of a model.
 
     Every latent site must live in the ``"data"`` plate (a global latent couples the
@@ -61,9 +61,10 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
 
     With ``data_dtype`` (for work that draws latents from the model's prior and holds
     them in the data's dtype: AIS, local fits), the model's latents must also be drawn
-    in the dtype of x. With ``shared_supports`` (work in the unconstrained space, where
-    one transform per site serves every row: AIS, local fits), no latent's support may
-    differ between the rows of x.
+    in the dtype of x. With ``unconstrained`` (work that moves the latents in their
+    unconstrained space, through one transform per site for every row: AIS, local fits),
+    every latent must be one that space holds: not marked auxiliary, not a point mass,
+    not periodic (``VonMises``), and with a support the same on every row.
 
     Returns
     -------
@@ -82,7 +83,7 @@ def check_structure(model, x: Tensor, idx: Tensor | None = None, num_data=None, 
     _refuse_row_weights(model, trace, x, idx, num_data)
     if data_dtype:
         _refuse_other_dtypes(trace, x.dtype)
-    if shared_supports:
+    if unconstrained:
         _refuse_latents_outside_the_space(trace)
         refuse_periodic_latents(trace, "AIS or a local fit (in the unconstrained space)")
         refuse_supports_varying_by_row(model, space, x, idx, num_data)
