@@ -53,7 +53,13 @@ class PPCA(LinearGaussian):
         Parameters
         ----------
         x : Tensor or ndarray of shape (N, D)
-        latent_dim : int, smaller than D
+        latent_dim : int, smaller than D and than the rank of the centred data
+
+        Raises
+        ------
+        ValueError
+            For bad shapes, or data spanning no more than ``latent_dim`` directions
+            (N <= latent_dim + 1 rows, constant columns), where no MLE exists.
 
         Returns
         -------
@@ -68,15 +74,29 @@ class PPCA(LinearGaussian):
                 f"got x.shape={tuple(x.shape)} and latent_dim={latent_dim}"
             )
         n, d = x.shape
-        mean = x.mean(0)
-        centred = x - mean
+        # In float64 whatever the data's dtype: the discarded eigenvalues are compared
+        # with their rounding level below, which float32 would raise to 1e-4 on MNIST.
+        wide = x.double()
+        mean = wide.mean(0)
+        centred = wide - mean
         eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / n)
         eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
         sigma2 = eigvals[latent_dim:].mean()
+        # Rounding leaves eigenvalues of order eps * lambda_max * D where the true ones
+        # are 0: below that, the data span at most latent_dim directions, sigma -> 0
+        # raises the likelihood without end, and there is no MLE to return.
+        rounding = torch.finfo(torch.float64).eps * float(eigvals[0].abs()) * d
+        if not float(sigma2) > rounding:
+            raise ValueError(
+                f"the centred data span at most latent_dim={latent_dim} directions (the "
+                f"discarded eigenvalues' mean is {float(sigma2):.3g}, at rounding level): "
+                "PPCA's likelihood then grows without end as sigma -> 0 and has no maximum; "
+                "use fewer latent dims, or more rows than latent_dim + 1"
+            )
         W = eigvecs[:, :latent_dim] * (eigvals[:latent_dim] - sigma2).clamp_min(0).sqrt()
         model = cls(d, latent_dim).to(x)  # x's dtype and device
         with torch.no_grad():
             model.W.copy_(W)
             model.mu.copy_(mean)
-        model.sigma = PyroParam(sigma2.sqrt(), constraint=constraints.positive)
+        model.sigma = PyroParam(sigma2.sqrt().to(x.dtype), constraint=constraints.positive)
         return model

@@ -72,6 +72,26 @@ def test_from_data_refuses_bad_latent_dim(latent_dim):
         PPCA.from_data(np.zeros((5, 10)), latent_dim)
 
 
+@pytest.mark.parametrize("rows, dims, latent_dim, dtype", [
+    (3, 6, 2, torch.float64),   # 3 rows span 2 directions: sigma came out NaN
+    (4, 6, 3, torch.float64),   # 3 directions: sigma 8.9e-9, log p(x) about -7e15
+    (4, 6, 3, torch.float32),
+])
+def test_from_data_refuses_data_that_span_no_more_than_the_latent_dims(rows, dims,
+                                                                          latent_dim, dtype):
+    x = torch.randn(rows, dims, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with pytest.raises(ValueError, match="span at most latent_dim"):
+        PPCA.from_data(x, latent_dim)
+
+
+def test_from_data_refuses_a_constant_column_left_as_the_only_noise():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 3] = 2.0  # sigma came out 0 exactly with latent_dim = D - 1
+    with pytest.raises(ValueError, match="span at most latent_dim"):
+        PPCA.from_data(x, 3)
+    assert float(PPCA.from_data(x, 2).sigma) > 0  # one noisy direction left: fine
+
+
 def test_score_is_the_exact_log_px_without_a_graph_and_marginal_stays_trainable():
     # Issue 9, section 5: float() on marginal().log_prob(x) warned (it requires grad, by
     # design: notebook 01 trains on it); score()/score_samples() evaluate without a graph.
