@@ -95,11 +95,11 @@ def fit_local(
     # The fit seeds torch's generator as fit(seed=) does; a seeded call then leaves the
     # caller's generators where they were, as every seeded estimate does.
     with caller_rng_kept(check_seed(seed) is not None):
-        check_structure(model, x, data_dtype=True, unconstrained=True)
+        space = check_structure(model, x, data_dtype=True, unconstrained=True)
         return fit_local_trusted(
             model, x, family, init_from=init_from, steps=steps, lr=lr,
             num_particles=num_particles, batch_size=batch_size, tol=tol, window=window,
-            progress=progress, seed=seed,
+            progress=progress, seed=seed, space=space,
         )[0]
 
 
