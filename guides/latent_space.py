@@ -229,7 +229,9 @@ def _latent_site(name: str, site: dict) -> LatentSite:
     return LatentSite(name, torch.Size(fn.event_shape), one_row_support(support, fn.event_shape))
 
 
-def _leaf(fn):
+def leaf_distribution(fn):
+    """The innermost distribution under any wrappers (``Independent``, masks, expansions,
+    transforms): what a site draws from."""
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return fn
@@ -238,13 +240,14 @@ def _leaf(fn):
 def is_periodic(fn) -> bool:
     """Whether a site's distribution is an angle's (``VonMises`` and kin): torch declares
     all of R its support, where its density repeats every 2 pi."""
-    return isinstance(_leaf(fn), (VonMises, SineBivariateVonMises, SineSkewed))
+    return isinstance(leaf_distribution(fn), (VonMises, SineBivariateVonMises, SineSkewed))
 
 
 def periodic_latent_message(name: str, fn, where: str) -> str:
     """Why a periodic latent ``name`` is refused ``where`` (a draw over all of R)."""
+    kind = type(leaf_distribution(fn)).__name__
     return (
-        f"latent site {name!r} is {type(_leaf(fn)).__name__}, whose density repeats every 2 "
+        f"latent site {name!r} is {kind}, whose density repeats every 2 "
         "pi along the whole real line (torch declares that line as its support): over R "
         f"its integral is infinite, and {where} draws it over all of R, so log p(x) and the "
         "ELBO would read too high (by the periods the draws cover). Draw the angle from a "

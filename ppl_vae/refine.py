@@ -119,13 +119,14 @@ def refine(
     required_guide(guide)
     x = as_data(x, model)
     model, guide = as_programs(model, guide, x, plate=plate)
-    check_structure(model, x, unconstrained=True)
+    space = check_structure(model, x, unconstrained=True)
     steps = positive_int(steps, "steps")
     schedule = None if tol is None else _Plateau(lr, tol=tol, window=positive_int(window, "window"))
     num_samples = positive_int(num_samples, "num_samples")
     eval_every = max(1, steps // 20) if eval_every is None else eval_every
     eval_every = positive_int(eval_every, "eval_every")
-    local = initial_local(model, x, local_family(guide, x, local, True), guide, seed=seed)
+    local = initial_local(model, x, local_family(guide, x, local, True), guide, seed=seed,
+                          space=space)
     if seed is not None:
         pyro.set_rng_seed(seed)
     eval_seed = evaluation_seed(seed)

@@ -20,6 +20,7 @@ from ppl_vae.guides.latent_space import (
     fails_on_one_row,
     is_latent_site,
     is_periodic,
+    leaf_distribution,
     periodic_latent_message,
     refuse_periodic_latents,
     refuse_supports_varying_by_row,
@@ -348,7 +349,5 @@ def _refuse_point_masses(trace) -> None:
 
 
 def is_point_mass(fn) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return isinstance(fn, dist.Delta)
+    return isinstance(leaf_distribution(fn), dist.Delta)
 
